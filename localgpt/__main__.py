@@ -1,0 +1,3 @@
+from localgpt.cli import main
+
+main()

@@ -1,0 +1,57 @@
+"""Static KV cache: preallocated once, written by position, never concatenated.
+
+Layout (layers, batch, kv_heads, max_len, head_dim). Beam search reorders batch rows; a chat keeps the prefix of
+the conversation and trims what it will recompute.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str = "cpu"):
+        shape = (num_layers, batch_size, num_kv_heads, max_len, head_dim)
+        # Only positions below `length` are ever read, so the buffers need no zeroing.
+        self.keys = torch.empty(shape, dtype=dtype, device=device)
+        self.values = torch.empty(shape, dtype=dtype, device=device)
+        self.length = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.keys.shape[3]
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys.shape[1]
+
+    def update(self, layer: int, start: int, keys: torch.Tensor, values: torch.Tensor):
+        """Write (B, n_kv, T, hd) keys/values at positions [start, start+T) and return views of [0, start+T)."""
+        end = start + keys.shape[2]
+        if end > self.max_len:
+            raise IndexError(f"KV cache holds {self.max_len} positions, asked to write up to {end}")
+        self.keys[layer, :, :, start:end] = keys
+        self.values[layer, :, :, start:end] = values
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]  # (B, n_kv, end, hd)
+
+    def reorder(self, batch_indices: torch.Tensor) -> None:
+        """Beam search: row i of the cache becomes old row batch_indices[i] (only the filled prefix is moved)."""
+        filled = slice(0, self.length)
+        self.keys[:, :, :, filled] = self.keys[:, batch_indices, :, filled]
+        self.values[:, :, :, filled] = self.values[:, batch_indices, :, filled]
+
+    def trim(self, length: int) -> None:
+        """Forget positions from `length` on (they will be written again)."""
+        self.length = min(self.length, length)
+
+    def grow(self, max_len: int) -> None:
+        """Reallocate to hold at least max_len positions, keeping the filled prefix."""
+        if max_len <= self.max_len:
+            return
+        layers, batch, heads, _, head_dim = self.keys.shape
+        for name in ("keys", "values"):
+            old = getattr(self, name)
+            new = torch.empty((layers, batch, heads, max_len, head_dim), dtype=old.dtype, device=old.device)
+            new[:, :, :, : self.length] = old[:, :, :, : self.length]
+            setattr(self, name, new)

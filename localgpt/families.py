@@ -1,0 +1,402 @@
+"""One small entry per architecture: how its config.json maps onto ModelConfig switches, and how its checkpoint
+names map onto our parameters (q/k/v and gate/up are fused at load time, GPT-2's Conv1D weights transposed).
+
+Adding a family = one entry in FAMILIES + one parity test against transformers.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from localgpt.config import ModelConfig, RopeConfig, token_id_list
+from localgpt.errors import ModelError
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a checkpoint tensor goes: a parameter of ours, at a row offset (fused tensors), maybe transposed."""
+
+    name: str
+    row_offset: int = 0
+    transpose: bool = False
+
+
+class ConfigReader:
+    """Typed access to a raw config.json with errors that name the field and the file."""
+
+    def __init__(self, raw: dict[str, Any], source: str):
+        self.raw, self.source = raw, source
+
+    def _bad(self, key: str, expected: str) -> ModelError:
+        return ModelError(f"{self.source}: '{key}' must be {expected}, not {self.raw.get(key)!r}")
+
+    def int(self, key: str, default: int | None = None, *, minimum: int = 1) -> int:
+        value = self.raw.get(key, default)
+        if value is None:
+            if default is None:
+                raise ModelError(f"{self.source} has no '{key}' — the model config is incomplete")
+            value = default
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise self._bad(key, f"an integer >= {minimum}")
+        return value
+
+    def float(self, key: str, default: float | None) -> float | None:
+        value = self.raw.get(key, default)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            raise self._bad(key, "a number")
+        return float(value)
+
+    def bool(self, key: str, default: bool) -> bool:
+        value = self.raw.get(key, default)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise self._bad(key, "true or false")
+        return value
+
+    def str(self, key: str, default: str) -> str:
+        value = self.raw.get(key, default)
+        if value is None:
+            return default
+        if not isinstance(value, str):
+            raise self._bad(key, "a string")
+        return value
+
+
+def _activation(name: str, source: str) -> str:
+    names = {
+        "silu": "silu",
+        "swish": "silu",
+        "gelu": "gelu",
+        "gelu_new": "gelu_tanh",
+        "gelu_fast": "gelu_tanh",
+        "gelu_pytorch_tanh": "gelu_tanh",
+        "relu": "relu",
+    }
+    if name not in names:
+        raise ModelError(f"{source}: activation '{name}' is not supported (supported: {', '.join(names)})")
+    return names[name]
+
+
+def _rope(cfg: ConfigReader, head_dim: int, max_positions: int) -> RopeConfig:
+    """Both config styles: 4.x `rope_theta` + `rope_scaling` ({type|rope_type, factor, ...}), 5.x `rope_parameters`."""
+    raw = cfg.raw
+    params: dict[str, Any] = {}
+    for key in ("rope_scaling", "rope_parameters"):
+        value = raw.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, dict):
+            raise ModelError(f"{cfg.source}: '{key}' must be an object, not {value!r}")
+        if "full_attention" in value and isinstance(value["full_attention"], dict):
+            value = value["full_attention"]  # 5.x nests per layer type for some families
+        params.update(value)
+    rope_type = params.get("rope_type") or params.get("type") or "default"
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ModelError(
+            f"{cfg.source}: rope type '{rope_type}' is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
+        )
+    partial = params.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))
+    if partial not in (None, 1, 1.0):
+        raise ModelError(f"{cfg.source}: partial_rotary_factor {partial} is not supported")
+    theta = params.get("rope_theta", raw.get("rope_theta", 10000.0))
+    original = raw.get("original_max_position_embeddings") or params.get("original_max_position_embeddings")
+    if rope_type in ("llama3", "yarn") and not original:
+        original = max_positions
+    factor = params.get("factor")
+    if factor is None:
+        factor = max_positions / original if rope_type == "yarn" else 1.0
+    try:
+        return RopeConfig(
+            theta=float(theta),
+            rope_type=rope_type,
+            factor=float(factor),
+            original_max_position_embeddings=int(original) if original else None,
+            low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+            high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+            beta_fast=float(params.get("beta_fast") or 32.0),
+            beta_slow=float(params.get("beta_slow") or 1.0),
+            attention_factor=None if params.get("attention_factor") is None else float(params["attention_factor"]),
+            mscale=params.get("mscale"),
+            mscale_all_dim=params.get("mscale_all_dim"),
+            truncate=bool(params.get("truncate", True)),
+        )
+    except (TypeError, ValueError):
+        raise ModelError(f"{cfg.source}: rope parameters are malformed: {params!r}") from None
+
+
+def _common(cfg: ConfigReader, generation: dict[str, Any], *, head_dim_default: int | None) -> dict[str, Any]:
+    """Fields shared by the Llama-like families (names as transformers' LlamaConfig)."""
+    hidden = cfg.int("hidden_size")
+    heads = cfg.int("num_attention_heads")
+    kv_heads = cfg.int("num_key_value_heads", heads)
+    if heads % kv_heads:
+        raise ModelError(f"{cfg.source}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+    head_dim = cfg.raw.get("head_dim") or head_dim_default or hidden // heads
+    cfg_head = ConfigReader({"head_dim": head_dim}, cfg.source)
+    head_dim = cfg_head.int("head_dim")
+    max_positions = cfg.int("max_position_embeddings", 2048)
+    return dict(
+        model_type=cfg.str("model_type", ""),
+        vocab_size=cfg.int("vocab_size"),
+        hidden_size=hidden,
+        num_layers=cfg.int("num_hidden_layers"),
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        intermediate_size=cfg.int("intermediate_size"),
+        max_position_embeddings=max_positions,
+        norm_eps=cfg.float("rms_norm_eps", 1e-6),
+        rope=_rope(cfg, head_dim, max_positions),
+        **_token_ids(cfg, generation),
+    )
+
+
+def _token_ids(cfg: ConfigReader, generation: dict[str, Any]) -> dict[str, Any]:
+    try:
+        eos = token_id_list(generation.get("eos_token_id", cfg.raw.get("eos_token_id")))
+        (bos,) = token_id_list(cfg.raw.get("bos_token_id")) or (None,)
+        (pad,) = token_id_list(generation.get("pad_token_id", cfg.raw.get("pad_token_id")))[:1] or (None,)
+    except ValueError as exc:
+        raise ModelError(f"{cfg.source}: {exc}") from None
+    return dict(eos_token_ids=eos, bos_token_id=bos, pad_token_id=pad, checkpoint_dtype=cfg.raw.get("torch_dtype")
+                or cfg.raw.get("dtype"))
+
+
+def _layer_types(cfg: ConfigReader, num_layers: int, default: Callable[[int], bool]) -> tuple[bool, ...]:
+    """5.x writes `layer_types` ("sliding_attention" / "full_attention"); older configs imply it."""
+    layer_types = cfg.raw.get("layer_types")
+    if isinstance(layer_types, list) and len(layer_types) == num_layers:
+        return tuple(kind == "sliding_attention" for kind in layer_types)
+    return tuple(default(i) for i in range(num_layers))
+
+
+def _window(cfg: ConfigReader) -> int | None:
+    value = cfg.raw.get("sliding_window")
+    return None if value is None else cfg.int("sliding_window")
+
+
+def llama_config(cfg: ConfigReader, generation: dict[str, Any]) -> ModelConfig:
+    fields = _common(cfg, generation, head_dim_default=None)
+    bias = cfg.bool("attention_bias", False)
+    return ModelConfig(
+        **fields,
+        activation=_activation(cfg.str("hidden_act", "silu"), cfg.source),
+        qkv_bias=bias,
+        o_bias=bias,
+        mlp_bias=cfg.bool("mlp_bias", False),
+        tie_word_embeddings=cfg.bool("tie_word_embeddings", False),
+    )
+
+
+def mistral_config(cfg: ConfigReader, generation: dict[str, Any]) -> ModelConfig:
+    fields = _common(cfg, generation, head_dim_default=None)
+    window = _window(cfg)
+    return ModelConfig(
+        **fields,
+        activation=_activation(cfg.str("hidden_act", "silu"), cfg.source),
+        sliding_window=window,
+        sliding_layers=_layer_types(cfg, fields["num_layers"], lambda i: window is not None),
+        tie_word_embeddings=cfg.bool("tie_word_embeddings", False),
+    )
+
+
+def qwen_config(cfg: ConfigReader, generation: dict[str, Any], *, qwen3: bool) -> ModelConfig:
+    fields = _common(cfg, generation, head_dim_default=128 if qwen3 else None)
+    # transformers applies Qwen's sliding window only with use_sliding_window, from layer max_window_layers on.
+    window = _window(cfg) if cfg.bool("use_sliding_window", False) else None
+    first_window_layer = cfg.int("max_window_layers", 28, minimum=0)
+    attention_bias = cfg.bool("attention_bias", False)
+    return ModelConfig(
+        **fields,
+        activation=_activation(cfg.str("hidden_act", "silu"), cfg.source),
+        qkv_bias=attention_bias if qwen3 else True,
+        o_bias=attention_bias if qwen3 else False,
+        qk_norm=qwen3,
+        sliding_window=window,
+        sliding_layers=_layer_types(cfg, fields["num_layers"], lambda i: window is not None and i >= first_window_layer)
+        if window
+        else (),
+        tie_word_embeddings=cfg.bool("tie_word_embeddings", False),
+    )
+
+
+def gemma_config(cfg: ConfigReader, generation: dict[str, Any], *, gemma2: bool) -> ModelConfig:
+    fields = _common(cfg, generation, head_dim_default=256)
+    activation = cfg.raw.get("hidden_activation") or cfg.str("hidden_act", "gelu_pytorch_tanh")
+    if activation == "gelu":  # transformers: Gemma's legacy "gelu" means the tanh approximation
+        activation = "gelu_pytorch_tanh"
+    bias = cfg.bool("attention_bias", False)
+    extra: dict[str, Any] = {}
+    if gemma2:
+        window = _window(cfg) if "sliding_window" in cfg.raw else 4096
+        extra = dict(
+            sandwich_norm=True,
+            attn_scale=cfg.float("query_pre_attn_scalar", 256) ** -0.5,
+            attn_softcap=cfg.float("attn_logit_softcapping", 50.0),
+            final_softcap=cfg.float("final_logit_softcapping", 30.0),
+            sliding_window=window,
+            sliding_layers=_layer_types(cfg, fields["num_layers"], lambda i: (i + 1) % 2 == 1),
+        )
+    return ModelConfig(
+        **fields,
+        activation=_activation(activation, cfg.source),
+        norm_weight_offset=1.0,
+        embed_scale=True,
+        qkv_bias=bias,
+        o_bias=bias,
+        tie_word_embeddings=cfg.bool("tie_word_embeddings", True),
+        **extra,
+    )
+
+
+def gpt2_config(cfg: ConfigReader, generation: dict[str, Any]) -> ModelConfig:
+    for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+        if cfg.bool(flag, False):
+            raise ModelError(f"{cfg.source}: GPT-2 option '{flag}' is not supported")
+    if not cfg.bool("scale_attn_weights", True):
+        raise ModelError(f"{cfg.source}: GPT-2 option 'scale_attn_weights: false' is not supported")
+    hidden = cfg.int("n_embd")
+    heads = cfg.int("n_head")
+    return ModelConfig(
+        model_type="gpt2",
+        vocab_size=cfg.int("vocab_size"),
+        hidden_size=hidden,
+        num_layers=cfg.int("n_layer"),
+        num_heads=heads,
+        num_kv_heads=heads,
+        head_dim=hidden // heads,
+        intermediate_size=cfg.int("n_inner", 4 * hidden),
+        max_position_embeddings=cfg.int("n_positions", 1024),
+        norm_eps=cfg.float("layer_norm_epsilon", 1e-5),
+        norm_kind="layernorm",
+        norm_bias=True,
+        activation=_activation(cfg.str("activation_function", "gelu_new"), cfg.source),
+        gated_mlp=False,
+        learned_positions=True,
+        rope=None,
+        qkv_bias=True,
+        o_bias=True,
+        mlp_bias=True,
+        tie_word_embeddings=cfg.bool("tie_word_embeddings", True),
+        **_token_ids(cfg, generation),
+    )
+
+
+# --- checkpoint key maps ---------------------------------------------------------------------------------------
+
+_LLAMA_LAYER = re.compile(r"^(?:model\.)?layers\.(\d+)\.(.+)\.(weight|bias)$")
+_GPT2_LAYER = re.compile(r"^(?:transformer\.)?h\.(\d+)\.(.+)\.(weight|bias)$")
+
+
+def llama_target(config: ModelConfig, key: str) -> Target | None:
+    q_rows = config.num_heads * config.head_dim
+    kv_rows = config.num_kv_heads * config.head_dim
+    top = {
+        "model.embed_tokens.weight": "embed_tokens.weight",
+        "model.norm.weight": "norm.weight",
+        "lm_head.weight": "lm_head.weight",
+    }
+    bare = key if key.startswith(("model.", "lm_head")) else f"model.{key}"
+    if bare in top:
+        return Target(top[bare])
+    match = _LLAMA_LAYER.match(key)
+    if not match:
+        return None
+    index, module, kind = match.groups()
+    prefix = f"layers.{index}."
+    fused = {
+        "self_attn.q_proj": ("attn.qkv_proj", 0),
+        "self_attn.k_proj": ("attn.qkv_proj", q_rows),
+        "self_attn.v_proj": ("attn.qkv_proj", q_rows + kv_rows),
+        "mlp.gate_proj": ("mlp.gate_up_proj", 0),
+        "mlp.up_proj": ("mlp.gate_up_proj", config.intermediate_size),
+    }
+    if module in fused:
+        name, offset = fused[module]
+        return Target(f"{prefix}{name}.{kind}", row_offset=offset)
+    plain = {
+        "self_attn.o_proj": "attn.o_proj",
+        "self_attn.q_norm": "attn.q_norm",
+        "self_attn.k_norm": "attn.k_norm",
+        "mlp.down_proj": "mlp.down_proj",
+        "input_layernorm": "input_norm",
+        # Gemma 2 normalizes the attention output with post_attention_layernorm and has a separate pre-MLP norm.
+        "post_attention_layernorm": "post_attn_norm" if config.sandwich_norm else "mlp_norm",
+        "pre_feedforward_layernorm": "mlp_norm",
+        "post_feedforward_layernorm": "post_mlp_norm",
+    }
+    if module in plain:
+        return Target(f"{prefix}{plain[module]}.{kind}")
+    return None
+
+
+def gpt2_target(config: ModelConfig, key: str) -> Target | None:
+    top = {
+        "wte.weight": "embed_tokens.weight",
+        "wpe.weight": "embed_positions.weight",
+        "ln_f.weight": "norm.weight",
+        "ln_f.bias": "norm.bias",
+    }
+    bare = key.removeprefix("transformer.")
+    if bare in top:
+        return Target(top[bare])
+    if key == "lm_head.weight":
+        return Target("lm_head.weight")
+    match = _GPT2_LAYER.match(key)
+    if not match:
+        return None
+    index, module, kind = match.groups()
+    names = {
+        "ln_1": "input_norm",
+        "ln_2": "mlp_norm",
+        "attn.c_attn": "attn.qkv_proj",
+        "attn.c_proj": "attn.o_proj",
+        "mlp.c_fc": "mlp.up_proj",
+        "mlp.c_proj": "mlp.down_proj",
+    }
+    if module not in names:
+        return None
+    # GPT-2 stores its projections as Conv1D, (in_features, out_features): transpose to nn.Linear's layout.
+    transpose = kind == "weight" and module.startswith(("attn.", "mlp."))
+    return Target(f"layers.{index}.{names[module]}.{kind}", transpose=transpose)
+
+
+@dataclass(frozen=True)
+class Family:
+    build_config: Callable[[ConfigReader, dict[str, Any]], ModelConfig]
+    target: Callable[[ModelConfig, str], Target | None]
+
+
+FAMILIES: dict[str, Family] = {
+    "gpt2": Family(gpt2_config, gpt2_target),
+    "llama": Family(llama_config, llama_target),
+    "mistral": Family(mistral_config, llama_target),
+    "qwen2": Family(lambda c, g: qwen_config(c, g, qwen3=False), llama_target),
+    "qwen3": Family(lambda c, g: qwen_config(c, g, qwen3=True), llama_target),
+    "gemma": Family(lambda c, g: gemma_config(c, g, gemma2=False), llama_target),
+    "gemma2": Family(lambda c, g: gemma_config(c, g, gemma2=True), llama_target),
+}
+
+
+def family_for(model_type: str, source: str = "config.json") -> Family:
+    if model_type not in FAMILIES:
+        raise ModelError(
+            f"{source}: model_type '{model_type}' is not supported (supported: {', '.join(sorted(FAMILIES))})"
+        )
+    return FAMILIES[model_type]
+
+
+def config_from_dict(raw: dict[str, Any], generation: dict[str, Any] | None = None, source: str = "config.json"):
+    model_type = raw.get("model_type")
+    if not isinstance(model_type, str) or not model_type:
+        raise ModelError(f"{source} has no 'model_type' — is this a transformers model config?")
+    reader = ConfigReader(raw, source)
+    return family_for(model_type, source).build_config(reader, generation or {})
+

@@ -1,0 +1,163 @@
+"""The generation loop: prefill + decode yielding tokens, and a text layer yielding Response records.
+
+`generate_tokens` is the token generator (the model and the cache in, token ids out). `stream_generate` turns
+those into text deltas with stop strings, finish reasons and speed figures — the only API the CLI and chat use.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+
+from localgpt.cache import KVCache
+from localgpt.errors import PromptError
+from localgpt.model import Transformer
+from localgpt.sampling import SamplingOptions, process_logits, sample
+from localgpt.tokenizer import StreamDecoder
+
+PREFILL_CHUNK = 512  # prompt tokens per forward pass: bounds activation memory on long prompts
+
+
+@dataclass
+class Response:
+    """One step of a streamed answer. `text` is the new text (may be empty); the last record has finish_reason."""
+
+    text: str
+    token: int | None
+    prompt_tokens: int
+    generation_tokens: int
+    finish_reason: str | None = None  # stop | length | stop-sequence
+    time_to_first_token: float = 0.0  # seconds from the call to the first generated token
+    prompt_tps: float = 0.0
+    generation_tps: float = 0.0
+
+
+def check_prompt_fits(prompt_len: int, context_length: int) -> None:
+    if prompt_len == 0:
+        raise PromptError("the prompt is empty — give a prompt as an argument or on stdin")
+    if prompt_len >= context_length:
+        raise PromptError(
+            f"the prompt is {prompt_len} tokens but the model's context is {context_length} tokens — "
+            "shorten it, or pass --truncate to keep its end"
+        )
+
+
+def prefill(model: Transformer, ids: torch.Tensor, cache: KVCache, chunk: int = PREFILL_CHUNK) -> torch.Tensor:
+    """Run ids (B, T) from cache.length on, in chunks; return the logits of the last position (B, V) in float32."""
+    logits = None
+    for begin in range(0, ids.shape[1], chunk):
+        logits = model(ids[:, begin : begin + chunk], cache)
+    return logits[:, -1].float()
+
+
+@torch.inference_mode()
+def generate_tokens(model: Transformer, prompt_ids: Sequence[int], options: SamplingOptions, max_tokens: int,
+                    eos_ids: frozenset[int] | set[int] = frozenset(), cache: KVCache | None = None,
+                    ) -> Iterator[int]:
+    """Yield up to max_tokens token ids; stops after yielding an end-of-sequence id.
+
+    A cache passed in may already hold a prefix of prompt_ids (cache.length positions): only the rest is
+    prefilled. That is how a chat reuses its conversation across turns.
+    """
+    prompt_len = len(prompt_ids)
+    check_prompt_fits(prompt_len, model.config.context_length)
+    max_tokens = min(max_tokens, model.config.context_length - prompt_len)
+    total = prompt_len + max_tokens
+    if cache is None:
+        cache = model.new_cache(1, total)
+    else:
+        cache.grow(total)
+        cache.trim(prompt_len - 1)  # at least the last prompt token is run again: its logits start the answer
+    device = model.device
+    history = torch.empty(1, total, dtype=torch.long, device=device)  # prompt + answer, for the penalties
+    history[0, :prompt_len] = torch.tensor(list(prompt_ids), dtype=torch.long)
+    generator = None
+    if options.seed is not None and not options.greedy:
+        generator = torch.Generator(device=device).manual_seed(options.seed)
+    needs_history = options.repetition_penalty != 1.0 or options.no_repeat_ngram_size > 0
+
+    logits = prefill(model, history[:, cache.length : prompt_len], cache)
+    length = prompt_len
+    for _ in range(max_tokens):
+        if needs_history:
+            logits = process_logits(logits, history[:, :length], options)
+        elif not options.greedy:
+            logits = process_logits(logits, history[:, :0], options)
+        next_token = sample(logits, options, generator)  # (1,)
+        token = int(next_token)
+        yield token
+        if token in eos_ids:
+            return
+        history[0, length] = token
+        length += 1
+        if length >= total:
+            return
+        logits = model(next_token.view(1, 1), cache)[:, -1].float()
+
+
+def find_stop(text: str, stops: Sequence[str]) -> tuple[int, int]:
+    """(index of the earliest stop string in text or -1, length of the longest tail that could start one)."""
+    found = [i for i in (text.find(stop) for stop in stops) if i >= 0]
+    if found:
+        return min(found), 0
+    hold = 0
+    for stop in stops:
+        for size in range(min(len(stop) - 1, len(text)), hold, -1):
+            if stop.startswith(text[-size:]):
+                hold = size
+                break
+    return -1, hold
+
+
+def stream_generate(model: Transformer, tokenizer, prompt_ids: Sequence[int], options: SamplingOptions,
+                    max_tokens: int, stop: Sequence[str] = (), cache: KVCache | None = None,
+                    ) -> Iterator[Response]:
+    """Text deltas of the answer. Stop strings are never printed; text that may begin one is held back."""
+    stops = [s for s in stop if s]
+    decoder = StreamDecoder(tokenizer)
+    start = time.perf_counter()
+    first_token_time = None
+    generated = 0
+    pending = ""
+    finish = "length"
+    last_token = None
+
+    def record(text: str, finish_reason: str | None = None) -> Response:
+        now = time.perf_counter()
+        ttft = (first_token_time or now) - start
+        decode_time = now - (first_token_time or now)
+        return Response(
+            text=text,
+            token=last_token,
+            prompt_tokens=len(prompt_ids),
+            generation_tokens=generated,
+            finish_reason=finish_reason,
+            time_to_first_token=ttft,
+            prompt_tps=len(prompt_ids) / ttft if ttft > 0 else 0.0,
+            generation_tps=(generated - 1) / decode_time if generated > 1 and decode_time > 0 else 0.0,
+        )
+
+    for token in generate_tokens(model, prompt_ids, options, max_tokens, tokenizer.eos_token_ids, cache):
+        if first_token_time is None:
+            first_token_time = time.perf_counter()
+        generated += 1
+        last_token = token
+        if token in tokenizer.eos_token_ids:
+            finish = "stop"
+            break
+        pending += decoder.add(token)
+        index, hold = find_stop(pending, stops)
+        if index >= 0:
+            yield record(pending[:index], "stop-sequence")
+            return
+        ready, pending = pending[: len(pending) - hold], pending[len(pending) - hold :]
+        yield record(ready)
+    pending += decoder.flush()
+    index, _ = find_stop(pending, stops)
+    if index >= 0:
+        yield record(pending[:index], "stop-sequence")
+        return
+    yield record(pending, finish)

@@ -1,0 +1,272 @@
+"""The Transformer: one compact decoder for GPT-2 and the Llama family (Llama, Mistral, Qwen2/3, Gemma 1/2).
+
+Architecture differences are switches on ModelConfig. Parameter layout: q/k/v fused into `attn.qkv_proj`, gate and
+up into `mlp.gate_up_proj` (one matmul each while decoding); the loader fills them from the separate checkpoint
+tensors. Shapes: B batch, T new tokens, S cached positions, h heads, g kv heads, hd head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from localgpt.cache import KVCache
+from localgpt.config import ModelConfig
+from localgpt.rope import cos_sin, inverse_frequencies
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32 like transformers; Gemma scales by (1 + w) in float32, Llama by w after the cast."""
+
+    def __init__(self, dim: int, eps: float, weight_offset: float = 0.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+        self.weight_offset = weight_offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.weight_offset:
+            return (h * (self.weight_offset + self.weight.float())).to(x.dtype)
+        return self.weight * h.to(x.dtype)
+
+
+def make_norm(config: ModelConfig, dim: int) -> nn.Module:
+    if config.norm_kind == "layernorm":
+        return nn.LayerNorm(dim, eps=config.norm_eps, bias=config.norm_bias)
+    return RMSNorm(dim, config.norm_eps, config.norm_weight_offset)
+
+
+class Linear(nn.Module):
+    """y = x Wᵀ + b, with W kept either as (out, in) like nn.Linear or transposed to (in, out).
+
+    On CPU, MKL's matrix-vector product for one decoding token reads a (in, out) float32 weight about twice as
+    fast as an (out, in) one (measured: docs/benchmarks.md), so the loader may transpose after loading.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.transposed = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.transposed:
+            return F.linear(x, self.weight, self.bias)
+        y = x @ self.weight
+        return y if self.bias is None else y + self.bias
+
+    def transpose_(self) -> None:
+        """Switch to the (in, out) layout in place: one weight is copied at a time."""
+        if not self.transposed:
+            self.weight.data = self.weight.data.t().contiguous()
+            self.transposed = True
+
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_index: int):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.layer_index = layer_index
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.split_sizes = (q_size, kv_size, kv_size)
+        self.qkv_proj = Linear(config.hidden_size, q_size + 2 * kv_size, bias=config.qkv_bias)
+        self.o_proj = Linear(q_size, config.hidden_size, bias=config.o_bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.norm_eps)
+        self.qk_norm = config.qk_norm
+        self.scale = config.scale
+        self.softcap = config.attn_softcap
+        self.window = config.sliding_window if config.is_sliding(layer_index) else None
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: KVCache,
+                start: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
+        q = q.view(B, T, self.num_heads, self.head_dim)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, g, T, hd)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, h, T, hd), (B, g, T, hd)
+        if rope is not None:
+            cos, sin = rope  # (T, hd)
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
+        keys, values = cache.update(self.layer_index, start, k, v)  # (B, g, S, hd)
+        out = self.attend(q, keys, values, start)  # (B, h, T, hd)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+
+    def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int) -> torch.Tensor:
+        B, _, T, hd = q.shape
+        S = keys.shape[2]
+        group = self.num_heads // self.num_kv_heads
+        first_key = 0
+        if self.window is not None and T == 1:
+            first_key = max(0, S - self.window)  # decoding: the window is a slice, no mask needed
+            keys, values = keys[:, :, first_key:], values[:, :, first_key:]
+        mask = None
+        if T > 1:
+            query_pos = torch.arange(start, start + T, device=q.device)[:, None]
+            key_pos = torch.arange(first_key, S, device=q.device)[None, :]
+            mask = key_pos <= query_pos  # (T, S)
+            if self.window is not None:
+                mask &= key_pos > query_pos - self.window
+            mask = mask.repeat(group, 1)  # (group*T, S): matches the grouped query layout below
+        # Grouped-query attention without copying K/V: the `group` query heads that share a kv head become
+        # extra query rows of that kv head. (B, h, T, hd) → (B, g, group*T, hd)
+        q = q.reshape(B, self.num_kv_heads, group * T, hd)
+        if self.softcap is None:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale)
+        else:
+            scores = (q @ keys.transpose(-1, -2)) * self.scale  # (B, g, group*T, S)
+            scores = torch.tanh(scores / self.softcap) * self.softcap
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            out = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ values
+        return out.reshape(B, self.num_heads, T, hd)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gated = config.gated_mlp
+        self.act = ACTIVATIONS[config.activation]
+        hidden, inner = config.hidden_size, config.intermediate_size
+        if self.gated:
+            self.gate_up_proj = Linear(hidden, 2 * inner, bias=config.mlp_bias)
+        else:
+            self.up_proj = Linear(hidden, inner, bias=config.mlp_bias)
+        self.down_proj = Linear(inner, hidden, bias=config.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gated:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(self.act(gate) * up)
+        return self.down_proj(self.act(self.up_proj(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_index: int):
+        super().__init__()
+        self.input_norm = make_norm(config, config.hidden_size)
+        self.attn = Attention(config, layer_index)
+        self.mlp_norm = make_norm(config, config.hidden_size)
+        self.mlp = MLP(config)
+        self.sandwich = config.sandwich_norm
+        if self.sandwich:
+            self.post_attn_norm = make_norm(config, config.hidden_size)
+            self.post_mlp_norm = make_norm(config, config.hidden_size)
+
+    def forward(self, x, rope, cache: KVCache, start: int) -> torch.Tensor:
+        attn_out = self.attn(self.input_norm(x), rope, cache, start)
+        if self.sandwich:
+            attn_out = self.post_attn_norm(attn_out)
+        x = x + attn_out
+        mlp_out = self.mlp(self.mlp_norm(x))
+        if self.sandwich:
+            mlp_out = self.post_mlp_norm(mlp_out)
+        return x + mlp_out
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        if config.learned_positions:
+            self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+        self.norm = make_norm(config, config.hidden_size)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+        self.embed_transposed = False  # the tied embedding is stored as the transposed head: (hidden, vocab)
+        self._rope_cos = self._rope_sin = None  # float32 tables for positions [0, len), built on demand
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight  # one parameter, not a copy
+
+    def use_fast_layout(self) -> None:
+        """Pick the weight layout that decodes fastest on this device and dtype (measured, docs/benchmarks.md):
+        on CPU every float32 projection is transposed, and the head in any dtype; CUDA keeps nn.Linear's layout."""
+        if self.device.type != "cpu":
+            return
+        linears = [m for m in self.modules() if isinstance(m, Linear)]
+        if self.dtype != torch.float32:
+            linears = [self.lm_head]
+        for module in linears:
+            module.transpose_()
+        self.embed_transposed = self.config.tie_word_embeddings and self.lm_head.transposed
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        weight = self.embed_tokens.weight
+        return F.embedding(input_ids, weight.t() if self.embed_transposed else weight)  # (B, T, hidden)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        c = self.config
+        return KVCache(c.num_layers, batch_size, c.num_kv_heads, max_len, c.head_dim, self.dtype, self.device)
+
+    def rope_tables(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """cos, sin for positions [start, start+length), in the model's dtype, (T, hd)."""
+        c = self.config
+        if c.rope is None:
+            return None
+        end = start + length
+        if c.rope.rope_type == "dynamic" and end > c.max_position_embeddings:
+            # Dynamic NTK: the base depends on the current sequence length, so no fixed table can serve.
+            inv_freq, scaling = inverse_frequencies(c.rope, c.head_dim, c.max_position_embeddings, seq_len=end)
+            positions = torch.arange(start, end, device=self.device)
+            cos, sin = cos_sin(inv_freq, positions, scaling)
+            return cos.to(self.dtype), sin.to(self.dtype)
+        if self._rope_cos is None or self._rope_cos.shape[0] < end:
+            size = max(end, 2 * (0 if self._rope_cos is None else self._rope_cos.shape[0]), 256)
+            inv_freq, scaling = inverse_frequencies(c.rope, c.head_dim, c.max_position_embeddings)
+            cos, sin = cos_sin(inv_freq, torch.arange(size, device=self.device), scaling)
+            self._rope_cos, self._rope_sin = cos.to(self.dtype), sin.to(self.dtype)
+        return self._rope_cos[start:end], self._rope_sin[start:end]
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache, start: int | None = None,
+                last_only: bool = True) -> torch.Tensor:
+        """input_ids (B, T) at positions [start, start+T) → logits (B, 1 or T, vocab). Advances cache.length."""
+        start = cache.length if start is None else start
+        T = input_ids.shape[1]
+        x = self.embed(input_ids)  # (B, T, hidden)
+        if self.config.embed_scale:
+            x = x * torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype)
+        if self.config.learned_positions:
+            x = x + self.embed_positions(torch.arange(start, start + T, device=x.device))
+        rope = self.rope_tables(start, T)
+        for layer in self.layers:
+            x = layer(x, rope, cache, start)
+        cache.length = start + T
+        if last_only:
+            x = x[:, -1:]  # the head runs on the last position only: vocab x hidden is the biggest matmul
+        logits = self.lm_head(self.norm(x))
+        if self.config.final_softcap is not None:
+            logits = torch.tanh(logits / self.config.final_softcap) * self.config.final_softcap
+        return logits

@@ -1,0 +1,94 @@
+"""Rotary position tables: default, linear, dynamic (NTK), llama3 and yarn, as transformers defines them.
+
+Pure functions of the config: inverse frequencies → cos/sin tables. The model applies them in the
+"rotate half" layout transformers uses (not the interleaved one of the original Llama code).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from localgpt.config import RopeConfig
+
+
+def _base_inv_freq(theta: float, dim: int) -> torch.Tensor:
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+
+
+def inverse_frequencies(
+    rope: RopeConfig, head_dim: int, max_positions: int, seq_len: int | None = None
+) -> tuple[torch.Tensor, float]:
+    """(inv_freq of shape (head_dim/2,), attention scaling applied to cos and sin).
+
+    seq_len matters only for "dynamic", whose base grows once the sequence passes max_positions.
+    """
+    dim = head_dim
+    if rope.rope_type == "default":
+        return _base_inv_freq(rope.theta, dim), 1.0
+    if rope.rope_type == "linear":
+        return _base_inv_freq(rope.theta, dim) / rope.factor, 1.0
+    if rope.rope_type == "dynamic":
+        seq_len = max(seq_len or max_positions, max_positions)
+        base = rope.theta * ((rope.factor * seq_len / max_positions) - (rope.factor - 1)) ** (dim / (dim - 2))
+        return _base_inv_freq(base, dim), 1.0
+    if rope.rope_type == "llama3":
+        return _llama3(rope, dim), 1.0
+    if rope.rope_type == "yarn":
+        return _yarn(rope, dim)
+    raise ValueError(f"unknown rope type {rope.rope_type!r}")
+
+
+def _llama3(rope: RopeConfig, dim: int) -> torch.Tensor:
+    inv_freq = _base_inv_freq(rope.theta, dim)
+    old_context = rope.original_max_position_embeddings
+    low_freq_wavelen = old_context / rope.low_freq_factor
+    high_freq_wavelen = old_context / rope.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    # Long wavelengths are interpolated by `factor`, short ones kept, the band between smoothly blended.
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / rope.factor, inv_freq)
+    smooth = (old_context / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def _yarn(rope: RopeConfig, dim: int) -> tuple[torch.Tensor, float]:
+    factor = rope.factor
+    original = rope.original_max_position_embeddings
+
+    def mscale(scale: float, weight: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * weight * math.log(scale) + 1.0
+
+    attention_factor = rope.attention_factor
+    if attention_factor is None:
+        if rope.mscale and rope.mscale_all_dim:
+            attention_factor = float(mscale(factor, rope.mscale) / mscale(factor, rope.mscale_all_dim))
+        else:
+            attention_factor = mscale(factor)
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(rope.theta))
+
+    low, high = correction_dim(rope.beta_fast), correction_dim(rope.beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # avoid a division by zero in the ramp
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    extrapolation_weight = 1 - ramp
+
+    pos_freqs = rope.theta ** (torch.arange(0, dim, 2).float() / dim)
+    extrapolated = 1.0 / pos_freqs
+    interpolated = 1.0 / (factor * pos_freqs)
+    inv_freq = interpolated * (1 - extrapolation_weight) + extrapolated * extrapolation_weight
+    return inv_freq, attention_factor
+
+
+def cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, scaling: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tables for the given positions: cos, sin of shape (T, head_dim), float32."""
+    freqs = positions.float()[:, None] * inv_freq.to(positions.device)[None, :]  # (T, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (T, hd)
+    return emb.cos() * scaling, emb.sin() * scaling

@@ -1,0 +1,10 @@
+import os
+import sys
+from pathlib import Path
+
+# Tests import their builders from tests/helpers.py.
+sys.path.insert(0, str(Path(__file__).parent))
+# bitsandbytes and transformers are chatty on import; the tests assert on our output, not theirs.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -1,0 +1,126 @@
+"""Parity with transformers (the reference) on tiny random models of every supported architecture and switch:
+logits in one forward pass and token by token through the KV cache, and 32 greedy tokens."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from helpers import VARIANTS, tiny_model
+from localgpt.config import load_config
+from localgpt.generate import generate_tokens
+from localgpt.sampling import SamplingOptions
+from localgpt.weights import load_weights
+
+pytest.importorskip("transformers")
+
+PROMPT_LEN = 12
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def pair(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(request.param)
+    reference = tiny_model(folder, request.param)
+    ours = load_weights(folder, load_config(folder), torch.float32, torch.device("cpu"))
+    return request.param, folder, reference, ours
+
+
+def prompt_ids(seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 500, (1, PROMPT_LEN), generator=generator)
+
+
+@torch.no_grad()
+def reference_step_logits(reference, ids: torch.Tensor) -> torch.Tensor:
+    """transformers, one token at a time through its own cache."""
+    past, steps = None, []
+    for i in range(ids.shape[1]):
+        out = reference(ids[:, i : i + 1], past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        steps.append(out.logits)
+    return torch.cat(steps, dim=1)
+
+
+@torch.no_grad()
+def test_logits_one_pass(pair):
+    _, _, reference, ours = pair
+    ids = prompt_ids()
+    expected = reference(ids).logits
+    actual = ours(ids, ours.new_cache(1, PROMPT_LEN), 0, last_only=False)
+    assert expected.abs().max() > 1.0  # the comparison is between meaningful logits
+    assert (actual - expected).abs().max().item() < TOLERANCE
+
+
+@torch.no_grad()
+def test_logits_token_by_token(pair):
+    _, _, reference, ours = pair
+    ids = prompt_ids(1)
+    expected = reference_step_logits(reference, ids)
+    cache = ours.new_cache(1, PROMPT_LEN)
+    actual = torch.cat([ours(ids[:, i : i + 1], cache) for i in range(PROMPT_LEN)], dim=1)
+    assert cache.length == PROMPT_LEN
+    assert (actual - expected).abs().max().item() < TOLERANCE
+
+
+@torch.no_grad()
+def test_greedy_32_tokens(pair):
+    _, _, reference, ours = pair
+    ids = prompt_ids(2)
+    expected = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, do_sample=False)
+    expected = expected[0, PROMPT_LEN:].tolist()
+    actual = list(generate_tokens(ours, ids[0].tolist(), SamplingOptions(temperature=0), 32, eos_ids={2}))
+    assert actual == expected
+
+
+def to_v4_config(folder, variant: str) -> None:
+    """Rewrite a saved transformers 5.x config.json in the 4.x style hub checkpoints still use."""
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    params = config.pop("rope_parameters", None)
+    config.pop("layer_types", None)
+    if params:
+        config["rope_theta"] = params.pop("rope_theta")
+        kind = params.pop("rope_type")
+        if kind != "default":
+            # 4.x wrote "type" in older files and "rope_type" in newer ones: use both spellings across variants.
+            config["rope_scaling"] = {("type" if kind in ("linear", "dynamic") else "rope_type"): kind, **params}
+    path.write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("variant", ["llama-rope-linear", "llama-rope-dynamic", "llama-rope-yarn",
+                                     "llama-rope-llama3", "qwen2-window", "gemma2"])
+@torch.no_grad()
+def test_transformers_v4_config_style(tmp_path, variant):
+    reference = tiny_model(tmp_path, variant)
+    to_v4_config(tmp_path, variant)
+    assert "rope_parameters" not in json.loads((tmp_path / "config.json").read_text())
+    ours = load_weights(tmp_path, load_config(tmp_path), torch.float32, torch.device("cpu"))
+    ids = prompt_ids(3)
+    expected = reference(ids).logits
+    actual = ours(ids, ours.new_cache(1, PROMPT_LEN), 0, last_only=False)
+    assert (actual - expected).abs().max().item() < TOLERANCE
+
+
+@torch.no_grad()
+def test_sharded_checkpoint_loads_the_same(tmp_path):
+    reference = tiny_model(tmp_path / "one", "llama")
+    reference.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    ours = load_weights(tmp_path / "sharded", load_config(tmp_path / "sharded"), torch.float32, torch.device("cpu"))
+    ids = prompt_ids(4)
+    actual = ours(ids, ours.new_cache(1, PROMPT_LEN), 0, last_only=False)
+    assert (actual - reference(ids).logits).abs().max().item() < TOLERANCE
+
+
+@torch.no_grad()
+def test_bfloat16_stays_close(tmp_path):
+    reference = tiny_model(tmp_path, "llama").to(torch.bfloat16)
+    ours = load_weights(tmp_path, load_config(tmp_path), torch.bfloat16, torch.device("cpu"))
+    assert ours.dtype == torch.bfloat16
+    ids = prompt_ids(5)
+    expected = reference(ids).logits.float()
+    actual = ours(ids, ours.new_cache(1, PROMPT_LEN), 0, last_only=False).float()
+    assert (actual - expected).abs().max().item() < 0.1 * expected.abs().max().item()
