@@ -22,6 +22,7 @@ class Target:
 
     name: str
     row_offset: int = 0
+    rows: int | None = None  # rows of a fused parameter this tensor fills (None: the whole parameter)
     transpose: bool = False
 
 
@@ -311,16 +312,17 @@ def llama_target(config: ModelConfig, key: str) -> Target | None:
         return None
     index, module, kind = match.groups()
     prefix = f"layers.{index}."
+    inner = config.intermediate_size
     fused = {
-        "self_attn.q_proj": ("attn.qkv_proj", 0),
-        "self_attn.k_proj": ("attn.qkv_proj", q_rows),
-        "self_attn.v_proj": ("attn.qkv_proj", q_rows + kv_rows),
-        "mlp.gate_proj": ("mlp.gate_up_proj", 0),
-        "mlp.up_proj": ("mlp.gate_up_proj", config.intermediate_size),
+        "self_attn.q_proj": ("attn.qkv_proj", 0, q_rows),
+        "self_attn.k_proj": ("attn.qkv_proj", q_rows, kv_rows),
+        "self_attn.v_proj": ("attn.qkv_proj", q_rows + kv_rows, kv_rows),
+        "mlp.gate_proj": ("mlp.gate_up_proj", 0, inner),
+        "mlp.up_proj": ("mlp.gate_up_proj", inner, inner),
     }
     if module in fused:
-        name, offset = fused[module]
-        return Target(f"{prefix}{name}.{kind}", row_offset=offset)
+        name, offset, rows = fused[module]
+        return Target(f"{prefix}{name}.{kind}", row_offset=offset, rows=rows)
     plain = {
         "self_attn.o_proj": "attn.o_proj",
         "self_attn.q_norm": "attn.q_norm",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 
@@ -45,8 +45,9 @@ def check_prompt_fits(prompt_len: int, context_length: int) -> None:
         )
 
 
-def prefill(model: Transformer, ids: torch.Tensor, cache: KVCache, chunk: int = PREFILL_CHUNK) -> torch.Tensor:
+def prefill(model: Transformer, ids: torch.Tensor, cache: KVCache, chunk: int | None = None) -> torch.Tensor:
     """Run ids (B, T) from cache.length on, in chunks; return the logits of the last position (B, V) in float32."""
+    chunk = chunk or PREFILL_CHUNK
     logits = None
     for begin in range(0, ids.shape[1], chunk):
         logits = model(ids[:, begin : begin + chunk], cache)
@@ -99,10 +100,12 @@ def generate_tokens(model: Transformer, prompt_ids: Sequence[int], options: Samp
 
 
 def find_stop(text: str, stops: Sequence[str]) -> tuple[int, int]:
-    """(index of the earliest stop string in text or -1, length of the longest tail that could start one)."""
-    found = [i for i in (text.find(stop) for stop in stops) if i >= 0]
+    """(start of the stop string that completes first in text, or -1; length of the longest tail that could
+    still begin a stop string). "Completes first" = earliest end, then earliest start: what a reader of the
+    stream sees first, whatever the token boundaries."""
+    found = [(i + len(stop), i) for stop in stops if (i := text.find(stop)) >= 0]
     if found:
-        return min(found), 0
+        return min(found)[1], 0
     hold = 0
     for stop in stops:
         for size in range(min(len(stop) - 1, len(text)), hold, -1):
@@ -116,6 +119,12 @@ def stream_generate(model: Transformer, tokenizer, prompt_ids: Sequence[int], op
                     max_tokens: int, stop: Sequence[str] = (), cache: KVCache | None = None,
                     ) -> Iterator[Response]:
     """Text deltas of the answer. Stop strings are never printed; text that may begin one is held back."""
+    tokens = generate_tokens(model, prompt_ids, options, max_tokens, tokenizer.eos_token_ids, cache)
+    return responses(tokens, tokenizer, len(prompt_ids), stop)
+
+
+def responses(tokens: Iterable[int], tokenizer, prompt_tokens: int, stop: Sequence[str] = ()) -> Iterator[Response]:
+    """The text layer over any token stream: deltas, stop strings, finish reason and speed figures."""
     stops = [s for s in stop if s]
     decoder = StreamDecoder(tokenizer)
     start = time.perf_counter()
@@ -132,15 +141,15 @@ def stream_generate(model: Transformer, tokenizer, prompt_ids: Sequence[int], op
         return Response(
             text=text,
             token=last_token,
-            prompt_tokens=len(prompt_ids),
+            prompt_tokens=prompt_tokens,
             generation_tokens=generated,
             finish_reason=finish_reason,
             time_to_first_token=ttft,
-            prompt_tps=len(prompt_ids) / ttft if ttft > 0 else 0.0,
+            prompt_tps=prompt_tokens / ttft if ttft > 0 else 0.0,
             generation_tps=(generated - 1) / decode_time if generated > 1 and decode_time > 0 else 0.0,
         )
 
-    for token in generate_tokens(model, prompt_ids, options, max_tokens, tokenizer.eos_token_ids, cache):
+    for token in tokens:
         if first_token_time is None:
             first_token_time = time.perf_counter()
         generated += 1

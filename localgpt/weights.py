@@ -190,14 +190,15 @@ def load_weights(model_dir: Path, config: ModelConfig, dtype: torch.dtype, devic
                     raise ModelError(f"{path.name}: tensor '{key}' does not fit this {config.model_type} config")
                 param = params[target.name]
                 shape = entry.shape[::-1] if target.transpose else entry.shape
-                rows = shape[0] if shape else 1
-                destination = param.data[target.row_offset : target.row_offset + rows]
-                if tuple(destination.shape) != tuple(shape) or target.row_offset + rows > param.shape[0]:
+                rows = param.shape[0] if target.rows is None else target.rows
+                expected = (rows, *param.shape[1:])
+                if tuple(shape) != expected:
                     raise ModelError(
                         f"{path.name}: tensor '{key}' has shape {list(entry.shape)}, expected "
-                        f"{list(param.shape) if not target.row_offset and rows == param.shape[0] else shape} — "
-                        "the weights do not match config.json"
+                        f"{list(expected[::-1] if target.transpose else expected)} — the weights do not match "
+                        "config.json"
                     )
+                destination = param.data[target.row_offset : target.row_offset + rows]
                 direct = entry.dtype == dtype and not target.transpose and device.type == "cpu"
                 if direct:
                     _read_into(file, entry, destination, path)
@@ -209,8 +210,7 @@ def load_weights(model_dir: Path, config: ModelConfig, dtype: torch.dtype, devic
                 rows_filled[target.name] += rows
     missing = [
         name for name, param in params.items()
-        if rows_filled[name] < (param.shape[0] if param.dim() else 1)
-        and not (name == "lm_head.weight" and config.tie_word_embeddings)
+        if rows_filled[name] < param.shape[0] and not (name == "lm_head.weight" and config.tie_word_embeddings)
     ]
     if missing and missing == ["lm_head.weight"]:
         # Some checkpoints tie the head without saying so: no lm_head tensor means the embedding is the head.

@@ -75,6 +75,20 @@ def test_greedy_32_tokens(pair):
     assert actual == expected
 
 
+@pytest.mark.parametrize("variant", ["llama", "gpt2"])
+@torch.no_grad()
+def test_greedy_with_penalties_matches_transformers(tmp_path, variant):
+    reference = tiny_model(tmp_path, variant)
+    ours = load_weights(tmp_path, load_config(tmp_path), torch.float32, torch.device("cpu"))
+    ids = torch.tensor([[7, 8, 7, 8, 7, 8, 9, 7, 8, 7, 8, 9]])
+    for penalty, ngram in ((1.5, 0), (1.0, 2), (1.3, 3)):
+        expected = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
+                                      repetition_penalty=penalty, no_repeat_ngram_size=ngram)
+        options = SamplingOptions(temperature=0, repetition_penalty=penalty, no_repeat_ngram_size=ngram)
+        actual = list(generate_tokens(ours, ids[0].tolist(), options, 24, eos_ids={2}))
+        assert actual == expected[0, PROMPT_LEN:].tolist()
+
+
 def to_v4_config(folder, variant: str) -> None:
     """Rewrite a saved transformers 5.x config.json in the 4.x style hub checkpoints still use."""
     path = folder / "config.json"

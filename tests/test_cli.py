@@ -1,0 +1,238 @@
+"""The real CLI in a subprocess: stdin pipes, a reader that goes away, bad flags and bad model folders."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import tiny_model
+from localgpt.cli import build_prompt
+from localgpt.errors import PromptError, UsageError
+from localgpt.tokenizer import Tokenizer
+
+
+def run(*args: str, stdin: bytes | None = b"", env: dict | None = None, timeout: int = 120):
+    return subprocess.run([sys.executable, "-m", "localgpt", *args], input=stdin, capture_output=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def assert_clean_error(result, code: int, message: str):
+    stderr = result.stderr.decode()
+    assert result.returncode == code, stderr
+    assert stderr.startswith("Error: ") and message in stderr, stderr
+    assert "Traceback" not in stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("chat-model")
+    tiny_model(folder, "llama", tokenizer=True, eos_token_id=None)
+    return folder
+
+
+def generate_json(model: Path, *args: str, stdin: bytes = b"") -> dict:
+    result = run("generate", "-m", str(model), "-t", "0", "--json", *args, stdin=stdin)
+    assert result.returncode == 0, result.stderr.decode()
+    return json.loads(result.stdout)
+
+
+def test_streams_the_answer_to_stdout_only(model):
+    result = run("generate", "-m", str(model), "Hello", "-t", "0", "-n", "8")
+    assert result.returncode == 0
+    assert result.stdout.strip() and result.stderr == b""
+    again = run("generate", "-m", str(model), "Hello", "-t", "0", "-n", "8")
+    assert again.stdout == result.stdout  # greedy is deterministic
+
+
+def test_json_and_stats(model):
+    out = generate_json(model, "Hello", "-n", "6")
+    assert out["tokens"] == 6 and out["finish_reason"] == "length" and isinstance(out["text"], str)
+    assert set(out["timings"]) == {"time_to_first_token_s", "prompt_tokens_per_s", "generation_tokens_per_s"}
+    result = run("generate", "-m", str(model), "Hello", "-t", "0", "-n", "4", "--stats")
+    assert "answer: 4 tokens" in result.stderr.decode() and "first token" in result.stderr.decode()
+
+
+def test_stdin_is_the_prompt_and_comes_before_the_argument(model):
+    tokenizer = Tokenizer(model)
+    alone = generate_json(model, "-n", "2", stdin=b"notes from stdin\n")
+    assert alone["prompt_tokens"] == len(tokenizer.encode_chat([{"role": "user", "content": "notes from stdin"}]))
+    both = generate_json(model, "Summarize:", "-n", "2", stdin=b"notes from stdin\n")
+    combined = "notes from stdin\n\nSummarize:"
+    assert both["prompt_tokens"] == len(tokenizer.encode_chat([{"role": "user", "content": combined}]))
+
+
+def test_raw_and_system_prompts(model):
+    tokenizer = Tokenizer(model)
+    raw = generate_json(model, "Hello", "--raw", "-n", "1")
+    assert raw["prompt_tokens"] == len(tokenizer.encode("Hello"))
+    system = generate_json(model, "Hello", "-s", "Be brief.", "-n", "1")
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}]
+    assert system["prompt_tokens"] == len(tokenizer.encode_chat(messages))
+
+
+def test_stop_string_is_not_printed(model):
+    text = generate_json(model, "Hello", "-n", "30")["text"]
+    stop = text[5:8]
+    assert stop
+    stopped = generate_json(model, "Hello", "-n", "30", "--stop", stop)
+    assert stopped["finish_reason"] == "stop-sequence"
+    assert stopped["text"] == text[: text.find(stop)]
+
+
+def test_invalid_utf8_and_nul_bytes_on_stdin(model):
+    result = run("generate", "-m", str(model), "-t", "0", "-n", "2", stdin=b"caf\xe9 \x00 ok\xff")
+    assert result.returncode == 0, result.stderr.decode()
+
+
+def test_reader_going_away_is_quiet(model):
+    process = subprocess.Popen([sys.executable, "-m", "localgpt", "generate", "-m", str(model), "Hi", "-n", "100"],
+                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # like `| head -c 0`: the reader is gone before the first token
+    stderr = process.stderr.read().decode()
+    process.wait(timeout=120)
+    assert "Traceback" not in stderr and "Error" not in stderr and "BrokenPipe" not in stderr, stderr
+
+
+def test_head_closes_the_pipe_early(model):
+    result = subprocess.run(
+        f"{sys.executable} -m localgpt generate -m {model} Hi -n 200 | head -c 3", shell=True, capture_output=True,
+        timeout=120, stdin=subprocess.DEVNULL)
+    assert len(result.stdout) <= 3 and b"Traceback" not in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--top-p", "2"], "--top-p must be in (0, 1]"),
+    (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--top-k", "-3"], "--top-k must be >= 0"),
+    (["-n", "0"], "--max-tokens must be >= 1"),
+    (["--dtype", "float8"], "--dtype must be one of"),
+    (["--bogus"], "No such option"),
+    (["--top-p", "x"], "Invalid value for '--top-p'"),
+])
+def test_invalid_flags_are_usage_errors_before_loading(flags, message):
+    result = run("generate", "-m", "/does/not/matter", "hi", *flags)
+    assert_clean_error(result, 2, message)
+
+
+def test_missing_model_folder():
+    assert_clean_error(run("generate", "-m", "/no/such/folder", "hi"), 1, "no model folder at /no/such/folder")
+
+
+def test_no_model_given():
+    assert_clean_error(run("generate", "hi", env={"LOCALGPT_MODEL": ""}), 2, "no model given")
+
+
+def test_empty_stdin_without_argument(model):
+    assert_clean_error(run("generate", "-m", str(model), stdin=b"  \n"), 1, "the prompt is empty")
+
+
+def test_no_prompt_on_a_terminal_is_an_error_not_a_hang(model):
+    leader, follower = pty.openpty()
+    try:
+        result = subprocess.run([sys.executable, "-m", "localgpt", "generate", "-m", str(model)], stdin=follower,
+                                capture_output=True, timeout=60)
+    finally:
+        os.close(leader)
+        os.close(follower)
+    assert_clean_error(result, 2, "no prompt")
+
+
+def test_prompt_longer_than_the_context(model):
+    long_prompt = "word " * 400
+    assert_clean_error(run("generate", "-m", str(model), long_prompt, "--raw"), 1, "model's context is 256 tokens")
+    result = run("generate", "-m", str(model), long_prompt, "--raw", "--truncate", "-n", "2", "-t", "0")
+    assert result.returncode == 0 and "kept its last" in result.stderr.decode()
+
+
+def test_debug_shows_the_traceback():
+    result = run("generate", "-m", "/no/such/folder", "hi", env={"LOCALGPT_DEBUG": "1"})
+    assert result.returncode != 0 and "Traceback" in result.stderr.decode()
+
+
+@pytest.fixture
+def broken(model, tmp_path) -> Path:
+    folder = tmp_path / "broken"
+    shutil.copytree(model, folder)
+    return folder
+
+
+def test_folder_without_config(broken):
+    (broken / "config.json").unlink()
+    assert_clean_error(run("generate", "-m", str(broken), "hi"), 1, "no config.json in")
+
+
+def test_config_that_is_not_json(broken):
+    (broken / "config.json").write_text("{ nope")
+    assert_clean_error(run("generate", "-m", str(broken), "hi"), 1, "config.json is not valid JSON")
+
+
+def test_unknown_model_type(broken):
+    config = json.loads((broken / "config.json").read_text())
+    config["model_type"] = "mamba"
+    (broken / "config.json").write_text(json.dumps(config))
+    assert_clean_error(run("generate", "-m", str(broken), "hi"), 1, "model_type 'mamba' is not supported")
+
+
+def test_truncated_safetensors(broken):
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    assert_clean_error(run("generate", "-m", str(broken), "hi"), 1, "is truncated or corrupt")
+
+
+def test_header_claiming_more_than_the_file(broken):
+    weights = broken / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[:8] = (len(data) * 4).to_bytes(8, "little")
+    weights.write_bytes(bytes(data))
+    assert_clean_error(run("generate", "-m", str(broken), "hi"), 1, "is truncated or corrupt")
+
+
+def test_pickle_only_checkpoint_is_refused(broken):
+    (broken / "model.safetensors").rename(broken / "pytorch_model.bin")
+    assert_clean_error(run("generate", "-m", str(broken), "hi"), 1, "never loads pickles")
+
+
+def test_missing_tokenizer(broken):
+    (broken / "tokenizer.json").unlink()
+    assert_clean_error(run("generate", "-m", str(broken), "hi"), 1, "no tokenizer.json")
+
+
+def test_wrong_tensor_shape_is_named(broken):
+    config = json.loads((broken / "config.json").read_text())
+    config["intermediate_size"] = 96
+    (broken / "config.json").write_text(json.dumps(config))
+    assert_clean_error(run("generate", "-m", str(broken), "hi"), 1,
+                       "tensor 'model.layers.0.mlp.down_proj.weight' has shape [64, 128], expected [64, 96]")
+
+
+def test_missing_tensor_is_named(broken):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(broken / "model.safetensors")
+    del tensors["model.layers.1.self_attn.k_proj.weight"]
+    save_file(tensors, broken / "model.safetensors")
+    assert_clean_error(run("generate", "-m", str(broken), "hi"), 1, "missing tensors for layers.1.attn.qkv_proj")
+
+
+def test_build_prompt_rules():
+    assert build_prompt("arg", None) == "arg"
+    assert build_prompt("arg", "piped\n") == "piped\n\narg"
+    assert build_prompt(None, "piped") == "piped"
+    with pytest.raises(UsageError):
+        build_prompt(None, None)
+    with pytest.raises(PromptError):
+        build_prompt(None, "   ")
+
+
+def test_help_is_fast_and_lists_generate():
+    result = run("--help")
+    assert result.returncode == 0 and b"generate" in result.stdout
+    assert run().returncode == 0  # no arguments: help, not an error

@@ -1,0 +1,108 @@
+"""Logits processors against transformers' own, and the validation of sampling values."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from localgpt.errors import UsageError
+from localgpt.sampling import (
+    SamplingOptions,
+    apply_min_p,
+    apply_no_repeat_ngram,
+    apply_repetition_penalty,
+    apply_temperature,
+    apply_top_k,
+    apply_top_p,
+    process_logits,
+    sample,
+)
+
+lp = pytest.importorskip("transformers.generation.logits_process")
+
+
+def random_logits(seed: int, batch: int = 3, vocab: int = 50) -> torch.Tensor:
+    return torch.randn(batch, vocab, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def history(seed: int, batch: int = 3, length: int = 20, vocab: int = 50) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(torch.isinf(a), torch.isinf(b)) and torch.allclose(
+        a.masked_fill(torch.isinf(a), 0), b.masked_fill(torch.isinf(b), 0), atol=1e-6
+    )
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), penalty=st.floats(0.5, 2.0))
+def test_repetition_penalty_matches_transformers(seed, penalty):
+    logits, ids = random_logits(seed), history(seed)
+    expected = lp.RepetitionPenaltyLogitsProcessor(penalty)(ids, logits.clone())
+    assert same(apply_repetition_penalty(logits, ids, penalty), expected)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 4))
+def test_no_repeat_ngram_matches_transformers(seed, n):
+    logits = random_logits(seed)
+    ids = torch.randint(0, 6, (3, 15), generator=torch.Generator().manual_seed(seed))  # small alphabet: repeats
+    expected = lp.NoRepeatNGramLogitsProcessor(n)(ids, logits.clone())
+    assert same(apply_no_repeat_ngram(logits, ids.tolist(), n), expected)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), temperature=st.floats(0.1, 3.0), top_k=st.integers(1, 60),
+       top_p=st.floats(0.05, 1.0), min_p=st.floats(0.0, 0.5), keep=st.integers(1, 3))
+def test_warpers_match_transformers(seed, temperature, top_k, top_p, min_p, keep):
+    logits = random_logits(seed)
+    assert same(apply_temperature(logits, temperature), lp.TemperatureLogitsWarper(temperature)(None, logits.clone()))
+    assert same(apply_top_k(logits, top_k, keep), lp.TopKLogitsWarper(top_k, min_tokens_to_keep=keep)(None, logits))
+    assert same(apply_top_p(logits, top_p, keep), lp.TopPLogitsWarper(top_p, min_tokens_to_keep=keep)(None, logits))
+    if min_p > 0:
+        expected = lp.MinPLogitsWarper(min_p, min_tokens_to_keep=keep)(None, logits.clone())
+        assert same(apply_min_p(logits, min_p, keep), expected)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000))
+def test_processor_chain_in_transformers_order(seed):
+    logits, ids = random_logits(seed), history(seed)
+    options = SamplingOptions(temperature=0.8, top_k=20, top_p=0.9, min_p=0.05, repetition_penalty=1.3,
+                              no_repeat_ngram_size=2)
+    chain = lp.LogitsProcessorList([
+        lp.RepetitionPenaltyLogitsProcessor(1.3), lp.NoRepeatNGramLogitsProcessor(2),
+        lp.TemperatureLogitsWarper(0.8), lp.TopKLogitsWarper(20), lp.TopPLogitsWarper(0.9), lp.MinPLogitsWarper(0.05),
+    ])
+    assert same(process_logits(logits, ids, options), chain(ids, logits.clone()))
+
+
+def test_greedy_ignores_warpers_and_takes_argmax():
+    logits = random_logits(1)
+    options = SamplingOptions(temperature=0, top_k=1, top_p=0.01)
+    assert torch.equal(process_logits(logits, history(1)[:, :0], options), logits)
+    assert torch.equal(sample(logits, options, None), logits.argmax(-1))
+
+
+def test_seeded_sampling_repeats_and_respects_filters():
+    logits = random_logits(2)
+    options = SamplingOptions(temperature=1.0, top_k=3, top_p=1.0, seed=7)
+    warped = process_logits(logits, history(2)[:, :0], options)
+    draws = [sample(warped, options, torch.Generator().manual_seed(7)) for _ in range(2)]
+    assert torch.equal(draws[0], draws[1])
+    allowed = torch.topk(logits, 3).indices
+    for _ in range(50):
+        token = sample(warped, options, None)
+        assert all(token[row] in allowed[row] for row in range(logits.shape[0]))
+
+
+@pytest.mark.parametrize("field, value", [
+    ("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -1), ("min_p", 1.5),
+    ("repetition_penalty", 0.0), ("no_repeat_ngram_size", -1),
+])
+def test_invalid_values_are_refused(field, value):
+    with pytest.raises(UsageError, match=field.replace("_", "-")):
+        SamplingOptions(**{field: value}).validate()
