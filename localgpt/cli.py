@@ -5,12 +5,10 @@ No model logic lives here, and torch is imported only inside commands so `localg
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
-from typing import List, Optional
-
-import functools
 
 import typer
 
@@ -95,17 +93,19 @@ def command(function):
 
 @command
 def generate(
-    prompt: Optional[str] = typer.Argument(None, help="The prompt. Text piped on stdin comes first."),
+    prompt: str | None = typer.Argument(None, help="The prompt. Text piped on stdin comes first."),
     model: str = typer.Option(None, "--model", "-m", help="Model folder.", envvar="LOCALGPT_MODEL"),
     max_tokens: int = typer.Option(DEFAULT_MAX_TOKENS, "--max-tokens", "-n", help="Most tokens to generate."),
-    temperature: Optional[float] = typer.Option(None, "--temperature", "-t", help="0 = greedy. Default: model's, else 0.7."),
-    top_k: Optional[int] = typer.Option(None, "--top-k", help="Keep the k most likely tokens (0 = off)."),
-    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling mass. Default: model's, else 0.9."),
-    min_p: Optional[float] = typer.Option(None, "--min-p", help="Drop tokens below min_p x the top probability."),
-    repetition_penalty: Optional[float] = typer.Option(None, "--repetition-penalty", help="> 1 discourages repeats."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed, for repeatable sampling."),
-    stop: List[str] = typer.Option([], "--stop", help="Stop when this text appears (repeatable)."),
-    system: Optional[str] = typer.Option(None, "--system", "-s", help="System prompt (chat models)."),
+    temperature: float | None = typer.Option(
+        None, "--temperature", "-t", help="0 = greedy. Default: model's, else 0.7."
+    ),
+    top_k: int | None = typer.Option(None, "--top-k", help="Keep the k most likely tokens (0 = off)."),
+    top_p: float | None = typer.Option(None, "--top-p", help="Nucleus sampling mass. Default: model's, else 0.9."),
+    min_p: float | None = typer.Option(None, "--min-p", help="Drop tokens below min_p x the top probability."),
+    repetition_penalty: float | None = typer.Option(None, "--repetition-penalty", help="> 1 discourages repeats."),
+    seed: int | None = typer.Option(None, "--seed", help="Random seed, for repeatable sampling."),
+    stop: list[str] = typer.Option([], "--stop", help="Stop when this text appears (repeatable)."),
+    system: str | None = typer.Option(None, "--system", "-s", help="System prompt (chat models)."),
     raw: bool = typer.Option(False, "--raw", help="Send the prompt as-is, without the chat template."),
     truncate: bool = typer.Option(False, "--truncate", help="Keep the end of a prompt longer than the context."),
     dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 | float16"),

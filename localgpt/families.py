@@ -7,8 +7,9 @@ Adding a family = one entry in FAMILIES + one parity test against transformers.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from localgpt.config import ModelConfig, RopeConfig, token_id_list
 from localgpt.errors import ModelError
@@ -138,7 +139,9 @@ def _common(cfg: ConfigReader, generation: dict[str, Any], *, head_dim_default: 
     heads = cfg.int("num_attention_heads")
     kv_heads = cfg.int("num_key_value_heads", heads)
     if heads % kv_heads:
-        raise ModelError(f"{cfg.source}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+        raise ModelError(
+            f"{cfg.source}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
+        )
     head_dim = cfg.raw.get("head_dim") or head_dim_default or hidden // heads
     cfg_head = ConfigReader({"head_dim": head_dim}, cfg.source)
     head_dim = cfg_head.int("head_dim")

@@ -7,8 +7,8 @@ those into text deltas with stop strings, finish reasons and speed figures — t
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
 
 import torch
 

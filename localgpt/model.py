@@ -26,6 +26,8 @@ class RMSNorm(nn.Module):
         self.weight_offset = weight_offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.weight_offset and x.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one kernel, same float32 math
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.weight_offset:
@@ -40,29 +42,44 @@ def make_norm(config: ModelConfig, dim: int) -> nn.Module:
 
 
 class Linear(nn.Module):
-    """y = x Wᵀ + b, with W kept either as (out, in) like nn.Linear or transposed to (in, out).
+    """y = x Wᵀ + b. W is kept as (out, in) like nn.Linear, or split for CPU decoding into `parts` column blocks
+    of Wᵀ, shape (parts, in, out/parts), multiplied with one bmm.
 
-    On CPU, MKL's matrix-vector product for one decoding token reads a (in, out) float32 weight about twice as
-    fast as an (out, in) one (measured: docs/benchmarks.md), so the loader may transpose after loading.
+    Why: MKL's one-row float32 product runs on one core and reads an (out, in) weight at ~10 GB/s here; Wᵀ blocks
+    in a batched product run one block per core at ~25-30 GB/s (measured, docs/benchmarks.md).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
-        self.transposed = False
+        self.parts = 0  # 0: nn.Linear layout; N: (N, in, out/N) blocks
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.transposed:
+        if not self.parts:
             return F.linear(x, self.weight, self.bias)
-        y = x @ self.weight
+        *lead, in_features = x.shape
+        rows = x.reshape(1, -1, in_features).expand(self.parts, -1, in_features)  # (N, M, in)
+        y = torch.bmm(rows, self.weight).transpose(0, 1).reshape(*lead, -1)  # (N, M, out/N) → (..., out)
         return y if self.bias is None else y + self.bias
 
-    def transpose_(self) -> None:
-        """Switch to the (in, out) layout in place: one weight is copied at a time."""
-        if not self.transposed:
-            self.weight.data = self.weight.data.t().contiguous()
-            self.transposed = True
+    def split_(self, parts: int) -> None:
+        """Switch to the block layout in place (one weight copied at a time)."""
+        out_features, in_features = self.weight.shape
+        if self.parts or parts < 1 or out_features % parts:
+            return
+        width = out_features // parts
+        blocks = torch.empty(parts, in_features, width, dtype=self.weight.dtype, device=self.weight.device)
+        blocks.copy_(self.weight.data.view(parts, width, in_features).transpose(1, 2))  # one copy, no temporary
+        self.weight.data = blocks
+        self.parts = parts
+
+    def column(self, index: torch.Tensor) -> torch.Tensor:
+        """Rows of the original (out, in) weight, from either layout: a tied embedding's lookup."""
+        if not self.parts:
+            return F.embedding(index, self.weight)
+        width = self.weight.shape[2]
+        return self.weight[index // width, :, index % width]  # (..., in)
 
 
 ACTIVATIONS = {
@@ -73,9 +90,10 @@ ACTIVATIONS = {
 }
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """transformers' rotate-half RoPE, x * cos + rotate_half(x) * sin, with rotate_half's negation folded into
+    the sin table: rolling x by half a head and multiplying by (-sin, sin) is the same product in fewer ops."""
+    return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 class Attention(nn.Module):
@@ -98,20 +116,24 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: KVCache,
                 start: int) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
-        q = q.view(B, T, self.num_heads, self.head_dim)
-        k = k.view(B, T, self.num_kv_heads, self.head_dim)
-        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, g, T, hd)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, h, T, hd), (B, g, T, hd)
-        if rope is not None:
-            cos, sin = rope  # (T, hd)
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
-        keys, values = cache.update(self.layer_index, start, k, v)  # (B, g, S, hd)
-        out = self.attend(q, keys, values, start)  # (B, h, T, hd)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+        h, g, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv_proj(x)  # (B, T, (h + 2g) * hd)
+        q_size, kv_size, _ = self.split_sizes
+        v = qkv[..., q_size + kv_size :].view(B, T, g, hd)
+        if self.qk_norm:  # Qwen3: per-head RMSNorm before the rotation, separate weights for q and k
+            q = self.q_norm(qkv[..., :q_size].view(B, T, h, hd))
+            k = self.k_norm(qkv[..., q_size : q_size + kv_size].view(B, T, g, hd))
+            if rope is not None:
+                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        else:  # q and k rotate together: one set of ops for both
+            qk = qkv[..., : q_size + kv_size].view(B, T, h + g, hd)
+            if rope is not None:
+                qk = apply_rope(qk, *rope)
+            q, k = qk.split((h, g), dim=2)
+        # (B, T, heads, hd) → (B, heads, T, hd)
+        keys, values = cache.update(self.layer_index, start, k.transpose(1, 2), v.transpose(1, 2))  # (B, g, S, hd)
+        out = self.attend(q.transpose(1, 2), keys, values, start)  # (B, h, T, hd)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, h * hd))
 
     def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int) -> torch.Tensor:
         B, _, T, hd = q.shape
@@ -196,7 +218,7 @@ class Transformer(nn.Module):
         self.norm = make_norm(config, config.hidden_size)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
-        self.embed_transposed = False  # the tied embedding is stored as the transposed head: (hidden, vocab)
+        self.embed_from_head = False  # set when the tied embedding is stored in the head's block layout
         self._rope_cos = self._rope_sin = None  # float32 tables for positions [0, len), built on demand
 
     def tie_weights(self) -> None:
@@ -204,20 +226,20 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight  # one parameter, not a copy
 
     def use_fast_layout(self) -> None:
-        """Pick the weight layout that decodes fastest on this device and dtype (measured, docs/benchmarks.md):
-        on CPU every float32 projection is transposed, and the head in any dtype; CUDA keeps nn.Linear's layout."""
-        if self.device.type != "cpu":
+        """Pick the weight layout that decodes fastest (measured, docs/benchmarks.md): on CPU in float32, every
+        projection is split into per-core blocks; bfloat16 and CUDA keep nn.Linear's layout."""
+        if self.device.type != "cpu" or self.dtype != torch.float32:
             return
-        linears = [m for m in self.modules() if isinstance(m, Linear)]
-        if self.dtype != torch.float32:
-            linears = [self.lm_head]
-        for module in linears:
-            module.transpose_()
-        self.embed_transposed = self.config.tie_word_embeddings and self.lm_head.transposed
+        parts = torch.get_num_threads()
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.split_(parts)
+        self.embed_from_head = self.config.tie_word_embeddings and self.lm_head.parts > 0
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight
-        return F.embedding(input_ids, weight.t() if self.embed_transposed else weight)  # (B, T, hidden)
+        if self.embed_from_head:  # the tied embedding now lives in the head's block layout
+            return self.lm_head.column(input_ids)
+        return self.embed_tokens(input_ids)  # (B, T, hidden)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -232,7 +254,7 @@ class Transformer(nn.Module):
         return KVCache(c.num_layers, batch_size, c.num_kv_heads, max_len, c.head_dim, self.dtype, self.device)
 
     def rope_tables(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """cos, sin for positions [start, start+length), in the model's dtype, (T, hd)."""
+        """cos and signed sin (see apply_rope) for positions [start, start+length), model dtype, (T, 1, hd)."""
         c = self.config
         if c.rope is None:
             return None
@@ -240,15 +262,20 @@ class Transformer(nn.Module):
         if c.rope.rope_type == "dynamic" and end > c.max_position_embeddings:
             # Dynamic NTK: the base depends on the current sequence length, so no fixed table can serve.
             inv_freq, scaling = inverse_frequencies(c.rope, c.head_dim, c.max_position_embeddings, seq_len=end)
-            positions = torch.arange(start, end, device=self.device)
-            cos, sin = cos_sin(inv_freq, positions, scaling)
-            return cos.to(self.dtype), sin.to(self.dtype)
+            cos, sin = cos_sin(inv_freq, torch.arange(start, end, device=self.device), scaling)
+            return self._rope_layout(cos, sin)
         if self._rope_cos is None or self._rope_cos.shape[0] < end:
             size = max(end, 2 * (0 if self._rope_cos is None else self._rope_cos.shape[0]), 256)
             inv_freq, scaling = inverse_frequencies(c.rope, c.head_dim, c.max_position_embeddings)
             cos, sin = cos_sin(inv_freq, torch.arange(size, device=self.device), scaling)
-            self._rope_cos, self._rope_sin = cos.to(self.dtype), sin.to(self.dtype)
+            self._rope_cos, self._rope_sin = self._rope_layout(cos, sin)
         return self._rope_cos[start:end], self._rope_sin[start:end]
+
+    def _rope_layout(self, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        half = sin.shape[-1] // 2
+        signed_sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
+        # cast like transformers (tables in float32, then to the model dtype); (T, 1, hd) broadcasts over heads
+        return cos.to(self.dtype)[:, None], signed_sin.to(self.dtype)[:, None]
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache, start: int | None = None,
                 last_only: bool = True) -> torch.Tensor:

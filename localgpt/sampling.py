@@ -29,7 +29,7 @@ class SamplingOptions:
     def greedy(self) -> bool:
         return self.temperature == 0
 
-    def validate(self) -> "SamplingOptions":
+    def validate(self) -> SamplingOptions:
         checks = [
             (self.temperature >= 0, f"--temperature must be >= 0 (0 = greedy), not {self.temperature}"),
             (0 < self.top_p <= 1, f"--top-p must be in (0, 1], not {self.top_p}"),

@@ -232,7 +232,7 @@ def weights_nbytes(model: torch.nn.Module) -> int:
 @dataclass
 class LoadedModel:
     model: Transformer
-    tokenizer: "Tokenizer"  # noqa: F821 - imported lazily
+    tokenizer: Tokenizer  # noqa: F821 - imported lazily
     config: ModelConfig
     generation_defaults: dict
     path: Path

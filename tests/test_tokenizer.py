@@ -12,7 +12,8 @@ from helpers import byte_level_tokenizer, sentencepiece_tokenizer, write_tokeniz
 from localgpt.errors import TokenizerError
 from localgpt.tokenizer import StreamDecoder, Tokenizer
 
-HARD_TEXTS = ["a ,b", "東京は日本の首都です。", "emoji 😀🎉👍🏽!", "def f(x):\n    return x  # ok\n", "\n\n", "  spaced  ",
+HARD_TEXTS = ["a ,b", "東京は日本の首都です。", "emoji 😀🎉👍🏽!", "def f(x):\n    return x  # ok\n", "\n\n",
+              "  spaced  ",
               "ümlaut ñ", "a\tb", "中文😀mixed ,, text"]
 
 TOKENIZERS = {"byte-level": byte_level_tokenizer(), "sentencepiece": sentencepiece_tokenizer()}
@@ -111,7 +112,9 @@ def test_no_second_bos_when_the_template_writes_one(tmp_path):
 
     tokenizer = byte_level_tokenizer()
     bos = tokenizer.token_to_id("<|im_start|>")
-    tokenizer.post_processor = processors.TemplateProcessing(single="<|im_start|> $A", special_tokens=[("<|im_start|>", bos)])
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|im_start|> $A", special_tokens=[("<|im_start|>", bos)]
+    )
     tokenizer.save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(
         {"bos_token": "<|im_start|>", "chat_template": "{{ bos_token }}{{ messages[0]['content'] }}"}))
