@@ -78,23 +78,29 @@ def root():
     """Run open-weight language models on your own machine."""
 
 
-def command(function):
+def command(function=None, *, name: str | None = None):
     """Register a command; Ctrl-C inside it becomes our own interrupt error (exit 130) instead of Typer's."""
 
-    @functools.wraps(function)
-    def wrapper(*args, **kwargs):
-        try:
-            return function(*args, **kwargs)
-        except KeyboardInterrupt:
-            raise Interrupted("interrupted") from None
+    def register(function):
+        @functools.wraps(function)
+        def wrapper(*args, **kwargs):
+            try:
+                return function(*args, **kwargs)
+            except KeyboardInterrupt:
+                raise Interrupted("interrupted") from None
 
-    return app.command()(wrapper)
+        return app.command(name=name)(wrapper)
+
+    return register(function) if function is not None else register
 
 
 @command
 def generate(
     prompt: str | None = typer.Argument(None, help="The prompt. Text piped on stdin comes first."),
-    model: str = typer.Option(None, "--model", "-m", help="Model folder.", envvar="LOCALGPT_MODEL"),
+    model: str = typer.Option(
+        None, "--model", "-m", help="Folder, hub repo id or name from 'localgpt list'. Default: SmolLM2-135M-Instruct.",
+        envvar="LOCALGPT_MODEL",
+    ),
     max_tokens: int = typer.Option(DEFAULT_MAX_TOKENS, "--max-tokens", "-n", help="Most tokens to generate."),
     temperature: float | None = typer.Option(
         None, "--temperature", "-t", help="0 = greedy. Default: model's, else 0.7."
@@ -121,8 +127,6 @@ def generate(
     # Validate the flags the user gave before spending seconds on loading.
     sampling_options({}, temperature if temperature is not None else 0.0, top_k, top_p, min_p, repetition_penalty,
                      seed)
-    if model is None:
-        raise UsageError("no model given — pass -m/--model FOLDER (or set LOCALGPT_MODEL)")
     text = build_prompt(prompt, read_stdin_text())
 
     from localgpt.generate import stream_generate
@@ -228,4 +232,124 @@ def main(argv: list[str] | None = None) -> None:
         code = 141
     except MemoryError:
         code = report_error("out of memory — try a smaller model, --dtype bfloat16, or a shorter prompt", 1)
+    except Exception as exc:  # a bug of ours: still one line, with the way to see more
+        if debug:
+            raise
+        code = report_error(f"unexpected {type(exc).__name__}: {exc} — this is a bug in localgpt; "
+                            "LOCALGPT_DEBUG=1 shows the traceback", 1)
     sys.exit(code)
+
+
+@command
+def download(
+    repo_id: str = typer.Argument(..., help="Hub repo id, ORG/NAME."),
+    revision: str | None = typer.Option(None, "--revision", help="Branch, tag or commit."),
+):
+    """Download a model from the Hugging Face hub (safetensors only) into the HF cache."""
+    from localgpt.hub import download as download_repo
+
+    folder = download_repo(repo_id, revision)
+    print(folder)
+
+
+@command
+def convert(
+    gguf_file: str = typer.Argument(..., help="A .gguf file (llama or qwen2 architecture)."),
+    output: str | None = typer.Option(
+        None, "--output", "-o", help="Folder to write. Default: LOCALGPT_HOME/models/NAME."
+    ),
+    dtype: str = typer.Option("bfloat16", "--dtype", help="bfloat16 | float32"),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
+):
+    """Convert a GGUF file into a Hugging Face style model folder that localgpt (and transformers) can load."""
+    from pathlib import Path
+
+    from localgpt.gguf import convert as convert_gguf
+    from localgpt.hub import models_dir
+
+    if dtype not in ("bfloat16", "float32"):
+        raise UsageError(f"--dtype must be bfloat16 or float32, not {dtype!r}")
+    source = Path(gguf_file).expanduser()
+    target = Path(output).expanduser() if output else models_dir() / gguf_stem(source.name)
+    print(f"localgpt: converting {source} → {target}", file=sys.stderr)
+    convert_gguf(source, target, dtype=dtype, force=force)
+    print(target)
+
+
+def gguf_stem(filename: str) -> str:
+    """SmolLM2-135M-Instruct.Q4_1.gguf → SmolLM2-135M-Instruct (the quantization suffix says nothing once
+    dequantized)."""
+    import re
+
+    stem = filename.removesuffix(".gguf")
+    return re.sub(r"[.-](?:[QqIi][A-Za-z0-9_]+|[Ff](?:16|32)|[Bb][Ff]16)$", "", stem) or stem
+
+
+@command(name="list")
+def list_models(as_json: bool = typer.Option(False, "--json", help="JSON for scripts.")):
+    """List the models on this machine."""
+    from localgpt.hub import human_size
+    from localgpt.inventory import list_models as inventory
+
+    entries = inventory()
+    if as_json:
+        write_out(json.dumps([e.to_json() for e in entries], indent=2) + "\n")
+        return
+    if not entries:
+        print("No models yet. 'localgpt generate \"hi\"' fetches the default; "
+              "'localgpt download ORG/NAME' gets others.")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold")
+    for column in ("NAME", "ARCH", "PARAMS", "DTYPE", "SIZE", "WHERE"):
+        table.add_column(column)
+    for e in entries:
+        table.add_row(e.name, e.architecture, f"{e.parameters / 1e6:.0f}M", e.quantization or e.dtype,
+                      human_size(e.size_bytes), e.path)
+    Console().print(table)
+
+
+@command
+def show(model: str = typer.Argument(..., help="Folder, hub repo id or name from 'localgpt list'.")):
+    """Describe a model: architecture, size, context, dtype, quantization, files."""
+    from localgpt.hub import human_size, resolve
+    from localgpt.inventory import describe
+
+    entry = describe(resolve(model, download_missing=False), model)
+    d = entry.details
+    lines = [
+        ("model", entry.name), ("path", entry.path), ("architecture", entry.architecture),
+        ("parameters", f"{entry.parameters:,}"), ("layers", d["layers"]),
+        ("heads / kv heads", f"{d['heads']} / {d['kv_heads']}"), ("hidden size", d["hidden_size"]),
+        ("context length", d["context_length"]), ("vocabulary", d["vocab_size"]), ("dtype", entry.dtype),
+        ("quantization", entry.quantization or "none"), ("chat template", "yes" if d["chat_template"] else "no"),
+        ("size on disk", human_size(entry.size_bytes)),
+    ]
+    width = max(len(k) for k, _ in lines)
+    for key, value in lines:
+        print(f"{key:<{width}}  {value}")
+    print("files")
+    for name, size in d["files"].items():
+        print(f"  {name:<40} {human_size(size):>10}")
+
+
+@command
+def rm(
+    model: str = typer.Argument(..., help="A name from 'localgpt list'."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+):
+    """Delete a model from localgpt's or the Hugging Face cache."""
+    from localgpt.hub import human_size
+    from localgpt.inventory import find, remove
+
+    entry, folder = find(model)
+    if not yes:
+        if not sys.stdin or not sys.stdin.isatty():
+            raise UsageError(f"not deleting {folder} without confirmation — pass --yes")
+        if not typer.confirm(f"Delete {entry.name} ({human_size(entry.size_bytes)}) at {folder}?"):
+            print("Nothing deleted.")
+            return
+    remove(model)
+    print(f"Deleted {entry.name} ({human_size(entry.size_bytes)}).")

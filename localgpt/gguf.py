@@ -1,0 +1,286 @@
+"""GGUF file → Hugging Face style model folder (config.json, model.safetensors, tokenizer.json, ...).
+
+Read with ggml-org's `gguf` package and dequantized with `gguf.quants`. llama.cpp stores the q and k projections
+of `llama`-architecture files with their rows permuted for its own RoPE layout; that permutation is undone here
+(and only there), as transformers' own GGUF loader does. The folder is written next to its destination and
+renamed into place at the end, so an interrupted conversion never leaves a folder that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from localgpt.errors import ModelError
+
+SUPPORTED_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED = 3, 4
+
+# How text is split before byte-level BPE, by `tokenizer.ggml.pre` (as transformers and llama.cpp do);
+# anything else gets GPT-2's own ByteLevel split.
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+PRE_TOKENIZER_SPLITS = {
+    "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT, "smaug-bpe": _LLAMA3_SPLIT,
+    "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT,
+}
+
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_BLOCK = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+
+
+def open_gguf(path: Path):
+    """A GGUFReader, or our error for a file that is missing, truncated or not GGUF at all."""
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        raise ModelError("reading GGUF files needs the gguf package — pip install gguf") from None
+    if not path.is_file():
+        raise ModelError(f"no GGUF file at {path} — check the path")
+    try:
+        return GGUFReader(str(path))
+    except Exception as exc:  # the reader raises ValueError, struct/numpy errors... on damaged files
+        detail = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise ModelError(f"{path} is not a valid GGUF file ({detail}) — is it truncated? Download it again") from None
+
+
+def _field(reader, key: str, default: Any = None) -> Any:
+    field = reader.fields.get(key)
+    if field is None:
+        return default
+    return field.contents()
+
+
+def hf_name(gguf_name: str) -> str | None:
+    """GGUF tensor name → transformers' name (None: not ours, e.g. llama.cpp's precomputed rope_freqs)."""
+    match = _BLOCK.match(gguf_name)
+    if match:
+        index, module, kind = match.groups()
+        if module in _LAYER_NAMES:
+            return f"model.layers.{index}.{_LAYER_NAMES[module]}.{kind}"
+        return None
+    stem, _, kind = gguf_name.rpartition(".")
+    return f"{_TOP_NAMES[stem]}.{kind}" if stem in _TOP_NAMES else None
+
+
+def unpermute_qk(weight, num_heads: int):
+    """Undo llama.cpp's q/k row permutation (rows of each head interleaved in pairs → rotate-half halves)."""
+    half = weight.shape[0] // num_heads // 2
+    return weight.reshape(num_heads, half, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def read_config(reader, path: Path) -> tuple[dict, dict]:
+    """(config.json, tokenizer metadata) from the file's key/values."""
+    arch = _field(reader, "general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ModelError(
+            f"{path.name}: GGUF architecture '{arch}' is not supported "
+            f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+        )
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    if not tokens:
+        raise ModelError(f"{path.name} has no tokenizer vocabulary — localgpt needs one to run the model")
+    hidden = int(_field(reader, f"{arch}.embedding_length"))
+    heads = int(_field(reader, f"{arch}.attention.head_count"))
+    tensor_names = {t.name for t in reader.tensors}
+    config: dict[str, Any] = {
+        "architectures": [SUPPORTED_ARCHITECTURES[arch]],
+        "model_type": arch,
+        "vocab_size": len(tokens),
+        "hidden_size": hidden,
+        "intermediate_size": int(_field(reader, f"{arch}.feed_forward_length")),
+        "num_hidden_layers": int(_field(reader, f"{arch}.block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(_field(reader, f"{arch}.attention.head_count_kv", heads)),
+        "head_dim": int(_field(reader, f"{arch}.attention.key_length", hidden // heads)),
+        "max_position_embeddings": int(_field(reader, f"{arch}.context_length", 2048)),
+        "rms_norm_eps": float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        "hidden_act": "silu",
+        "tie_word_embeddings": "output.weight" not in tensor_names,
+    }
+    scaling = _field(reader, f"{arch}.rope.scaling.type")
+    if scaling and scaling != "none":
+        factor = float(_field(reader, f"{arch}.rope.scaling.factor", 1.0))
+        config["rope_scaling"] = {"rope_type": scaling, "factor": factor}
+        original = _field(reader, f"{arch}.rope.scaling.original_context_length")
+        if original:
+            config["rope_scaling"]["original_max_position_embeddings"] = int(original)
+    for name in ("bos", "eos", "padding", "unknown"):
+        value = _field(reader, f"tokenizer.ggml.{name}_token_id")
+        if value is not None:
+            key = {"padding": "pad", "unknown": "unk"}.get(name, name)
+            config[f"{key}_token_id"] = int(value)
+    tokenizer_meta = {
+        "model": _field(reader, "tokenizer.ggml.model"),
+        "pre": _field(reader, "tokenizer.ggml.pre"),
+        "tokens": tokens,
+        "token_type": _field(reader, "tokenizer.ggml.token_type") or [],
+        "merges": _field(reader, "tokenizer.ggml.merges"),
+        "add_bos_token": bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
+        "chat_template": _field(reader, "tokenizer.chat_template"),
+    }
+    return config, tokenizer_meta
+
+
+def build_tokenizer(meta: dict, path: Path):
+    """A `tokenizers` byte-level BPE from the GGUF vocabulary and merges, as transformers' GGUF loader builds it."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    if meta["model"] != "gpt2":
+        raise ModelError(
+            f"{path.name}: GGUF tokenizer type '{meta['model']}' is not supported yet (supported: gpt2 byte-level BPE)"
+        )
+    if not meta["merges"]:
+        raise ModelError(f"{path.name}: the byte-level tokenizer has no merges — the file is incomplete")
+    alphabet = set(pre_tokenizers.ByteLevel.alphabet())
+    byte_spelling = _bytes_to_unicode()
+    vocab = {}
+    for index, token in enumerate(meta["tokens"]):
+        spelled = token if set(token) <= alphabet else "".join(byte_spelling[b] for b in token.encode("utf-8"))
+        vocab[spelled] = index
+    merges = [tuple(merge.split(" ", 1)) for merge in meta["merges"]]
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+    split = PRE_TOKENIZER_SPLITS.get(meta["pre"])
+    if split is None:
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(split), behavior="isolated"),
+             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        )
+    tokenizer.decoder = decoders.ByteLevel()
+    special, added = [], []
+    for token, kind in zip(meta["tokens"], meta["token_type"], strict=False):  # token_type may be absent
+        if kind == TOKEN_TYPE_CONTROL and set(token) <= alphabet:
+            special.append(AddedToken(token, normalized=False, special=True))
+        elif kind == TOKEN_TYPE_USER_DEFINED:
+            added.append(AddedToken(token, normalized=False, special=False))
+    tokenizer.add_special_tokens(special)
+    tokenizer.add_tokens(added)
+    bos_id = meta.get("bos_token_id")
+    if meta["add_bos_token"] and bos_id is not None:
+        bos = meta["tokens"][bos_id]
+        tokenizer.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, bos_id)])
+    return tokenizer
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's printable spelling of each byte."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
+        range(ord("®"), ord("ÿ") + 1)
+    )
+    codes = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in codes), strict=True))
+
+
+def convert(gguf_path: Path, output: Path, dtype: str = "bfloat16", force: bool = False,
+            progress=None) -> Path:
+    """Write a Hugging Face style folder for gguf_path at output (atomically). Returns output."""
+    import numpy as np
+    import torch
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+    from safetensors.torch import save_file
+
+    if dtype not in ("bfloat16", "float32"):
+        raise ModelError(f"--dtype for convert must be bfloat16 or float32, not {dtype!r}")
+    if output.exists() and not force:
+        raise ModelError(f"{output} already exists — pass --force to replace it, or choose another -o")
+    reader = open_gguf(gguf_path)
+    config, tokenizer_meta = read_config(reader, gguf_path)
+    for key in ("bos", "eos", "pad", "unk"):
+        tokenizer_meta[f"{key}_token_id"] = config.get(f"{key}_token_id")
+    tokenizer = build_tokenizer(tokenizer_meta, gguf_path)
+    torch_dtype = getattr(torch, dtype)
+    config["torch_dtype"] = dtype
+
+    tensors: dict[str, torch.Tensor] = {}
+    total = len(reader.tensors)
+    for done, tensor in enumerate(reader.tensors, 1):
+        name = hf_name(tensor.name)
+        if name is None:
+            continue
+        try:
+            qtype = GGMLQuantizationType(tensor.tensor_type)
+            values = np.asarray(dequantize(tensor.data, qtype), dtype=np.float32)
+        except (NotImplementedError, ValueError) as exc:
+            raise ModelError(
+                f"{gguf_path.name}: tensor '{tensor.name}' uses quantization type "
+                f"{getattr(tensor.tensor_type, 'name', tensor.tensor_type)}, which cannot be converted ({exc})"
+            ) from None
+        shape = tuple(int(d) for d in reversed(tensor.shape))  # GGUF lists dimensions fastest-first
+        values = values.reshape(shape)
+        if config["model_type"] == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = config["num_attention_heads"] if "q_proj" in name else config["num_key_value_heads"]
+            values = unpermute_qk(values, heads)
+        tensors[name] = torch.from_numpy(np.array(values, dtype=np.float32, order="C")).to(torch_dtype)
+        if progress:
+            progress(done, total)
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(scratch, 0o777 & ~umask)  # mkdtemp makes it private; the finished model is an ordinary folder
+    try:
+        save_file(tensors, str(scratch / "model.safetensors"), metadata={"format": "pt"})
+        tokenizer.save(str(scratch / "tokenizer.json"))
+        (scratch / "config.json").write_text(json.dumps(config, indent=2))
+        generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}
+        (scratch / "generation_config.json").write_text(json.dumps(generation, indent=2))
+        tokens = tokenizer_meta["tokens"]
+        tokenizer_config = {
+            name: tokens[config[f"{key}_token_id"]]
+            for name, key in (("bos_token", "bos"), ("eos_token", "eos"), ("pad_token", "pad"), ("unk_token", "unk"))
+            if config.get(f"{key}_token_id") is not None
+        }
+        tokenizer_config["add_bos_token"] = tokenizer_meta["add_bos_token"]
+        tokenizer_config["model_max_length"] = config["max_position_embeddings"]
+        (scratch / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+        if tokenizer_meta["chat_template"]:
+            (scratch / "chat_template.jinja").write_text(tokenizer_meta["chat_template"])
+        (scratch / "localgpt.json").write_text(json.dumps({"source": str(gguf_path), "converted_from": "gguf"}))
+        _replace_folder(scratch, output)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    return output
+
+
+def _replace_folder(new: Path, target: Path) -> None:
+    """Move a finished folder into place; an existing target (only with --force) is removed after the swap."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+        os.replace(new, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, target)

