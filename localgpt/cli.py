@@ -353,3 +353,52 @@ def rm(
             return
     remove(model)
     print(f"Deleted {entry.name} ({human_size(entry.size_bytes)}).")
+
+
+@command
+def chat(
+    model: str = typer.Option(
+        None, "--model", "-m", help="Folder, hub repo id or name from 'localgpt list'. Default: SmolLM2-135M-Instruct.",
+        envvar="LOCALGPT_MODEL",
+    ),
+    system: str | None = typer.Option(None, "--system", "-s", help="System prompt."),
+    max_tokens: int = typer.Option(1024, "--max-tokens", "-n", help="Most tokens per reply."),
+    temperature: float | None = typer.Option(None, "--temperature", "-t", help="0 = greedy."),
+    top_k: int | None = typer.Option(None, "--top-k"),
+    top_p: float | None = typer.Option(None, "--top-p"),
+    min_p: float | None = typer.Option(None, "--min-p"),
+    repetition_penalty: float | None = typer.Option(None, "--repetition-penalty"),
+    seed: int | None = typer.Option(None, "--seed"),
+    dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 | float16"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
+    no_history: bool = typer.Option(False, "--no-history", help="Do not read or write LOCALGPT_HOME/history."),
+):
+    """Chat with a model. With stdin not a terminal: one message per line, each reply followed by a blank line."""
+    if max_tokens < 1:
+        raise UsageError(f"--max-tokens must be >= 1, not {max_tokens}")
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    sampling_options({}, temperature if temperature is not None else 0.0, top_k, top_p, min_p, repetition_penalty,
+                     seed)
+
+    from localgpt.chat import ChatSession, ChatSettings, run_piped
+    from localgpt.hub import home, resolve
+    from localgpt.weights import load_model
+
+    loaded = load_model(resolve(model), dtype=dtype, device=device)
+    options = sampling_options(loaded.generation_defaults, temperature, top_k, top_p, min_p, repetition_penalty, seed)
+    settings = ChatSettings(temperature=options.temperature, top_k=options.top_k, top_p=options.top_p,
+                            min_p=options.min_p, repetition_penalty=options.repetition_penalty,
+                            max_tokens=max_tokens, seed=seed)
+    interactive = sys.stdin.isatty() and sys.stdout.isatty()
+    session = ChatSession(loaded, settings, system,
+                          notify=lambda message: print(f"localgpt: {message}", file=sys.stderr))
+    if not interactive:
+        settings.verbose = False
+        run_piped(session, sys.stdin, sys.stdout)
+        return
+    from rich.console import Console
+
+    from localgpt.repl import Repl
+
+    Repl(session, Console(), history_path=None if no_history else home() / "history").run()

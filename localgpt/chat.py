@@ -1,0 +1,251 @@
+"""`localgpt chat`: the conversation (state, KV cache reuse, context trimming, save/load) and the REPL around it.
+
+`ChatSession` has no terminal in it: it takes user text and streams the reply as Response records, keeping the
+KV cache of the conversation so each turn prefills only its new tokens. `Repl` is the prompt-toolkit loop with
+slash commands; `run_piped` is the same conversation when stdin is not a terminal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from localgpt.errors import LocalGPTError, UsageError
+from localgpt.generate import Response, stream_generate
+from localgpt.sampling import SamplingOptions
+
+SETTINGS_HELP = {
+    "temperature": "0 = greedy",
+    "top_k": "0 = off",
+    "top_p": "(0, 1]",
+    "min_p": "[0, 1], 0 = off",
+    "repetition_penalty": "1 = off",
+    "no_repeat_ngram_size": "0 = off",
+    "max_tokens": "most tokens per reply",
+    "seed": "integer, or none",
+    "verbose": "on/off: the stats line after each reply",
+}
+
+
+@dataclass
+class ChatSettings:
+    temperature: float = 0.7
+    top_k: int = 0
+    top_p: float = 0.9
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    max_tokens: int = 1024
+    seed: int | None = None
+    verbose: bool = True
+
+    def sampling(self) -> SamplingOptions:
+        return SamplingOptions(self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty,
+                               self.no_repeat_ngram_size, self.seed).validate()
+
+    def set(self, key: str, value: str) -> None:
+        """`/set key value` with validation; raises UsageError with a one-line reason."""
+        key = key.replace("-", "_")
+        if key not in SETTINGS_HELP:
+            raise UsageError(f"unknown setting '{key}' — settings: {', '.join(SETTINGS_HELP)}")
+        try:
+            if key == "verbose":
+                if value.lower() not in ("on", "off", "true", "false", "1", "0"):
+                    raise ValueError
+                parsed: object = value.lower() in ("on", "true", "1")
+            elif key == "seed":
+                parsed = None if value.lower() in ("none", "off") else int(value)
+            elif key in ("top_k", "max_tokens", "no_repeat_ngram_size"):
+                parsed = int(value)
+            else:
+                parsed = float(value)
+        except ValueError:
+            raise UsageError(f"'{value}' is not a valid value for {key} ({SETTINGS_HELP[key]})") from None
+        candidate = dataclasses.replace(self, **{key: parsed})
+        candidate.sampling()  # validates the sampling values
+        if candidate.max_tokens < 1:
+            raise UsageError(f"max_tokens must be >= 1, not {candidate.max_tokens}")
+        setattr(self, key, parsed)
+
+
+class ChatSession:
+    """A conversation with a model. Messages are the source of truth; the KV cache mirrors their tokens."""
+
+    def __init__(self, loaded, settings: ChatSettings | None = None, system: str | None = None,
+                 notify=lambda message: None):
+        self.loaded = loaded
+        self.settings = settings or ChatSettings()
+        self.system = system
+        self.messages: list[dict[str, str]] = []
+        self.notify = notify  # one-line notices (e.g. "dropped the oldest turns")
+        self.cache = loaded.model.new_cache(1, 256)
+        self.cached_ids: list[int] = []  # the tokens whose keys/values the cache holds, in order
+        self.last: Response | None = None
+
+    @property
+    def context_length(self) -> int:
+        return self.loaded.config.context_length
+
+    def conversation(self) -> list[dict[str, str]]:
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return system + self.messages
+
+    def encode(self) -> list[int]:
+        tokenizer = self.loaded.tokenizer
+        if tokenizer.chat_template is None:  # a base model: the turns as plain text
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in self.conversation()) + "assistant:"
+            return tokenizer.encode(text)
+        return tokenizer.encode_chat(self.conversation())
+
+    def fit_to_context(self) -> list[int]:
+        """The prompt ids, dropping the oldest turns (never the system prompt or the latest message) if needed."""
+        room = max(16, min(self.settings.max_tokens, self.context_length // 4))
+        ids = self.encode()
+        dropped = 0
+        while len(ids) + room > self.context_length and len(self.messages) > 1:
+            # drop the oldest user turn and the reply to it
+            self.messages.pop(0)
+            if self.messages and self.messages[0]["role"] == "assistant":
+                self.messages.pop(0)
+            dropped += 1
+            ids = self.encode()
+        if dropped:
+            self.notify(f"the conversation was longer than the context ({self.context_length} tokens): "
+                        f"dropped the oldest {dropped} turn{'s' if dropped > 1 else ''}")
+        if len(ids) >= self.context_length:
+            raise LocalGPTError(f"the message is {len(ids)} tokens but the model's context is "
+                                f"{self.context_length} tokens — send something shorter")
+        return ids
+
+    def send(self, text: str) -> Iterator[Response]:
+        self.messages.append({"role": "user", "content": text})
+        return self._reply()
+
+    def retry(self) -> Iterator[Response]:
+        if not self.messages or self.messages[-1]["role"] != "assistant":
+            raise UsageError("nothing to retry yet")
+        self.messages.pop()
+        return self._reply()
+
+    def _reply(self) -> Iterator[Response]:
+        try:
+            prompt_ids = self.fit_to_context()
+        except LocalGPTError:
+            self.messages.pop()
+            raise
+        # Reuse the cache for the longest prefix it already holds.
+        common = 0
+        for cached, new in zip(self.cached_ids, prompt_ids, strict=False):
+            if cached != new:
+                break
+            common += 1
+        self.cache.trim(common)
+        generated: list[int] = []
+        reply = ""
+        self.messages.append({"role": "assistant", "content": ""})
+        try:
+            for response in stream_generate(self.loaded.model, self.loaded.tokenizer, prompt_ids,
+                                            self.settings.sampling(), self.settings.max_tokens, cache=self.cache):
+                if response.generation_tokens > len(generated):  # one record per new token, plus a final one
+                    generated.append(response.token)
+                reply += response.text
+                self.messages[-1]["content"] = reply
+                self.last = response
+                yield response
+        finally:
+            # Also on Ctrl-C: the partial reply stays, and the cache keeps what it holds.
+            self.cached_ids = (prompt_ids + generated)[: self.cache.length]
+
+    def reset(self) -> None:
+        self.messages = []
+
+    def to_json(self) -> dict:
+        return {"format": "localgpt-chat/1", "model": str(self.loaded.path), "system": self.system,
+                "messages": self.messages, "settings": dataclasses.asdict(self.settings)}
+
+    def save(self, path: Path) -> None:
+        """Write the conversation as JSON atomically (a temporary file renamed over the target)."""
+        path = path.expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            with os.fdopen(handle, "w", encoding="utf-8") as out:
+                json.dump(self.to_json(), out, ensure_ascii=False, indent=2)
+            os.replace(temporary, path)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+
+    def load(self, path: Path) -> None:
+        path = path.expanduser()
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise LocalGPTError(f"no conversation file at {path}") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise LocalGPTError(f"{path} is not a conversation file ({type(exc).__name__}) — nothing loaded") from None
+        messages = data.get("messages") if isinstance(data, dict) else None
+        if not isinstance(messages, list) or not all(
+            isinstance(m, dict) and m.get("role") in ("user", "assistant", "system") and isinstance(m.get("content"), str)
+            for m in messages
+        ):
+            raise LocalGPTError(f"{path} is not a conversation file (no valid 'messages') — nothing loaded")
+        settings = ChatSettings()
+        for key, value in (data.get("settings") or {}).items():
+            if key in SETTINGS_HELP and value is not None:
+                try:
+                    settings.set(key, str(value).lower() if isinstance(value, bool) else str(value))
+                except UsageError:
+                    continue
+        system = data.get("system")
+        self.system = system if isinstance(system, str) else None
+        self.messages = [{"role": m["role"], "content": m["content"]} for m in messages if m["role"] != "system"]
+        self.settings = settings
+
+
+def stats_text(response: Response, session: ChatSession) -> str:
+    used = len(session.cached_ids) + 1
+    return (f"{response.generation_tokens} tokens · {response.generation_tps:.1f} tok/s · first token "
+            f"{response.time_to_first_token * 1000:.0f} ms · context {used}/{session.context_length}")
+
+
+def read_blocks(lines: Iterator[str]) -> Iterator[str]:
+    """One message per line, or a block between lines that are just \"\"\" (the piped and the REPL syntax)."""
+    block: list[str] | None = None
+    for raw in lines:
+        line = raw.rstrip("\n")
+        if block is None:
+            if line.strip().startswith('"""'):
+                rest = line.strip()[3:]
+                if rest.endswith('"""') and len(rest) >= 3:
+                    yield rest[:-3]
+                    continue
+                block = [rest] if rest else []
+                continue
+            if line.strip():
+                yield line
+        else:
+            if line.strip().endswith('"""'):
+                block.append(line.rstrip()[:-3])
+                yield "\n".join(block).strip("\n")
+                block = None
+            else:
+                block.append(line)
+    if block:
+        yield "\n".join(block)
+
+
+def run_piped(session: ChatSession, stdin, stdout) -> None:
+    """stdin is not a terminal: each line (or \"\"\" block) is a user message; each reply ends with a blank line."""
+    for message in read_blocks(iter(stdin.readline, "")):
+        for response in session.send(message):
+            stdout.write(response.text)
+            stdout.flush()
+        stdout.write("\n\n")
+        stdout.flush()

@@ -1,0 +1,172 @@
+"""The interactive chat: prompt-toolkit input (history, emacs keys, bracketed paste, \"\"\" blocks, Alt-Enter for a
+newline), replies streamed as they come, slash commands, rich for everything that is not the reply itself."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from localgpt.chat import SETTINGS_HELP, ChatSession, stats_text
+from localgpt.errors import LocalGPTError
+
+HELP = """Commands:
+  /help, /?            this help
+  /system [TEXT]       set the system prompt (without TEXT: show it)
+  /set KEY VALUE       change a setting (/set alone lists them; /set verbose toggles the stats line)
+  /show                settings and model
+  /reset               start a new conversation (same system prompt)
+  /retry               regenerate the last reply
+  /save FILE           save the conversation (JSON)
+  /load FILE           load a saved conversation
+  /stats               figures of the last reply
+  /bye, /exit          leave (or Ctrl-D)
+Type \"\"\" to start and end a multi-line message; Alt-Enter (Esc Enter) inserts a newline.
+Ctrl-C stops a reply; on an empty prompt it says how to leave."""
+
+LEAVE = object()
+
+
+class Repl:
+    def __init__(self, session: ChatSession, console, input=None, output=None, history_path: Path | None = None):
+        from prompt_toolkit import PromptSession
+        from prompt_toolkit.history import FileHistory, InMemoryHistory
+        from prompt_toolkit.key_binding import KeyBindings
+
+        self.session = session
+        self.console = console
+        session.notify = lambda message: console.print(f"[dim]{message}[/dim]", highlight=False)
+        bindings = KeyBindings()
+
+        @bindings.add("escape", "enter")
+        def _newline(event):
+            event.current_buffer.insert_text("\n")
+
+        history = InMemoryHistory()
+        if history_path is not None:
+            try:
+                history_path.parent.mkdir(parents=True, exist_ok=True)
+                history = FileHistory(str(history_path))
+            except OSError as exc:
+                console.print(f"[dim]history is off: cannot use {history_path} ({exc.strerror})[/dim]")
+        self.prompt = PromptSession(history=history, key_bindings=bindings, input=input, output=output,
+                                    enable_open_in_editor=False)
+
+    def read_message(self) -> str:
+        text = self.prompt.prompt(">>> ")
+        if text.strip().startswith('"""'):
+            lines = [text.strip()[3:]]
+            while not lines[-1].rstrip().endswith('"""') or (len(lines) == 1 and lines[0].strip() == ""):
+                lines.append(self.prompt.prompt("... "))
+            lines[-1] = lines[-1].rstrip()[:-3]
+            return "\n".join(lines).strip("\n")
+        return text
+
+    def run(self) -> None:
+        self.console.print("[dim]Type /help for commands, /bye or Ctrl-D to leave.[/dim]", highlight=False)
+        while True:
+            try:
+                text = self.read_message()
+            except KeyboardInterrupt:
+                self.console.print("[dim]Use Ctrl-D or /bye to leave.[/dim]", highlight=False)
+                continue
+            except EOFError:
+                break
+            if text.strip().startswith("/"):
+                if self.command(text.strip()) is LEAVE:
+                    break
+                continue
+            if text.strip():
+                self.answer(lambda: self.session.send(text))
+
+    def answer(self, start) -> None:
+        """Stream one reply; Ctrl-C stops it and keeps what was written."""
+        out = self.console.file
+        try:
+            responses = start()
+            for response in responses:
+                out.write(response.text)
+                out.flush()
+        except KeyboardInterrupt:
+            out.write("\n")
+            self.console.print("[dim]stopped[/dim]", highlight=False)
+            return
+        except LocalGPTError as exc:
+            self.console.print(f"[red]Error: {exc}[/red]", highlight=False)
+            return
+        out.write("\n")
+        last = self.session.last
+        if self.session.settings.verbose and last is not None:
+            self.console.print(f"[dim]{stats_text(last, self.session)}[/dim]", highlight=False)
+
+    def command(self, line: str):
+        name, _, argument = line.partition(" ")
+        argument = argument.strip()
+        session, console = self.session, self.console
+        try:
+            if name in ("/bye", "/exit"):
+                return LEAVE
+            if name in ("/help", "/?"):
+                console.print(HELP, markup=False, highlight=False)
+            elif name == "/system":
+                if argument:
+                    session.system = argument
+                    console.print("[dim]System prompt set.[/dim]")
+                else:
+                    console.print(session.system or "(no system prompt)", markup=False, highlight=False)
+            elif name == "/set":
+                self.set(argument)
+            elif name == "/show":
+                self.show()
+            elif name == "/reset":
+                session.reset()
+                console.print("[dim]New conversation.[/dim]")
+            elif name == "/retry":
+                self.answer(session.retry)
+            elif name == "/save":
+                if not argument:
+                    raise LocalGPTError("/save needs a file name: /save chat.json")
+                session.save(Path(argument))
+                console.print(f"[dim]Saved {len(session.messages)} messages to {argument}.[/dim]", highlight=False)
+            elif name == "/load":
+                if not argument:
+                    raise LocalGPTError("/load needs a file name: /load chat.json")
+                session.load(Path(argument))
+                console.print(f"[dim]Loaded {len(session.messages)} messages from {argument}.[/dim]", highlight=False)
+            elif name == "/stats":
+                if session.last is None:
+                    console.print("[dim]No reply yet.[/dim]")
+                else:
+                    console.print(stats_text(session.last, session), highlight=False)
+            else:
+                console.print(f"Unknown command '{name}'. Type /help.", markup=False, highlight=False)
+        except LocalGPTError as exc:
+            console.print(f"Error: {exc}", markup=False, highlight=False, style="red")
+        return None
+
+    def set(self, argument: str) -> None:
+        settings = self.session.settings
+        key, _, value = argument.partition(" ")
+        if not key:
+            for name, hint in SETTINGS_HELP.items():
+                self.console.print(f"  {name:<22} {getattr(settings, name)!s:<8} {hint}", markup=False,
+                                   highlight=False)
+            return
+        if key == "verbose" and not value.strip():
+            settings.verbose = not settings.verbose
+            self.console.print(f"[dim]verbose {'on' if settings.verbose else 'off'}[/dim]")
+            return
+        if not value.strip():
+            raise LocalGPTError(f"/set {key} needs a value ({SETTINGS_HELP.get(key, 'see /set')})")
+        settings.set(key, value.strip())
+        self.console.print(f"[dim]Set {key.replace('-', '_')} to {value.strip()}.[/dim]", highlight=False)
+
+    def show(self) -> None:
+        loaded, session = self.session.loaded, self.session
+        config = loaded.config
+        parameters = sum(p.numel() for p in loaded.model.parameters())
+        rows = [
+            ("model", str(loaded.path)), ("architecture", config.model_type), ("parameters", f"{parameters:,}"),
+            ("context", f"{config.context_length} tokens"), ("dtype", str(loaded.model.dtype).removeprefix("torch.")),
+            ("system", session.system or "(none)"), ("messages", str(len(session.messages))),
+        ] + [(name, str(getattr(session.settings, name))) for name in SETTINGS_HELP]
+        for key, value in rows:
+            self.console.print(f"  {key:<22} {value}", markup=False, highlight=False)

@@ -1,0 +1,176 @@
+"""The chat: conversation state and cache reuse, context trimming, save/load, the REPL driven through
+prompt-toolkit's pipe input, and the non-terminal mode through a subprocess."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from helpers import tiny_model
+from localgpt.chat import ChatSession, ChatSettings, read_blocks
+from localgpt.errors import LocalGPTError, UsageError
+from localgpt.weights import load_model
+
+GREEDY = dict(temperature=0.0, max_tokens=6)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("chat-model")
+    tiny_model(path, "llama", tokenizer=True, eos_token_id=None)
+    return path
+
+
+@pytest.fixture(scope="module")
+def loaded(folder):
+    return load_model(folder, dtype="float32", device="cpu")
+
+
+def reply(session: ChatSession, text: str) -> str:
+    return "".join(r.text for r in session.send(text))
+
+
+def test_turns_remember_and_reuse_the_cache(loaded, monkeypatch):
+    session = ChatSession(loaded, ChatSettings(**GREEDY), system="Be brief.")
+    first = reply(session, "Hello there")
+    assert [m["role"] for m in session.messages] == ["user", "assistant"] and session.messages[1]["content"] == first
+    prefilled = []
+    original = loaded.model.forward
+    monkeypatch.setattr(loaded.model, "forward",
+                        lambda ids, cache, *a, **k: prefilled.append(ids.shape[1]) or original(ids, cache, *a, **k))
+    second = reply(session, "And again")
+    full_prompt = len(session.loaded.tokenizer.encode_chat(session.conversation()[:-1]))
+    assert prefilled[0] < full_prompt / 2  # only the new turn was prefilled
+    # The same conversation from scratch gives the same answer: the reused cache is exact.
+    fresh = ChatSession(loaded, ChatSettings(**GREEDY), system="Be brief.")
+    fresh.messages = [dict(m) for m in session.messages[:2]]
+    assert reply(fresh, "And again") == second
+
+
+def test_interrupted_reply_is_kept_and_the_next_turn_is_exact(loaded):
+    session = ChatSession(loaded, ChatSettings(temperature=0.0, max_tokens=20))
+    responses = session.send("Tell me a story")
+    partial = "".join(next(responses).text for _ in range(3))
+    responses.close()  # what Ctrl-C does to the stream
+    assert session.messages[-1] == {"role": "assistant", "content": partial}
+    after = reply(session, "Go on")
+    fresh = ChatSession(loaded, ChatSettings(temperature=0.0, max_tokens=20))
+    fresh.messages = [dict(m) for m in session.messages[:2]]
+    assert reply(fresh, "Go on") == after
+
+
+def test_overflow_drops_oldest_turns_not_system_or_latest(loaded):
+    notices = []
+    session = ChatSession(loaded, ChatSettings(temperature=0.0, max_tokens=8), system="SYSTEM",
+                          notify=notices.append)
+    for turn in range(12):
+        reply(session, f"message {turn} " + "word " * 20)
+    assert notices and "dropped the oldest" in notices[0]
+    assert session.system == "SYSTEM" and session.conversation()[0]["content"] == "SYSTEM"
+    assert session.messages[-2]["content"].startswith("message 11")
+    assert len(session.encode()) <= loaded.config.context_length
+
+
+def test_a_message_longer_than_the_context_is_refused(loaded):
+    session = ChatSession(loaded, ChatSettings(**GREEDY))
+    with pytest.raises(LocalGPTError, match="context"):
+        list(session.send("word " * 400))
+    assert session.messages == []
+
+
+def test_retry_regenerates_the_last_reply(loaded):
+    session = ChatSession(loaded, ChatSettings(**GREEDY))
+    first = reply(session, "Hello")
+    again = "".join(r.text for r in session.retry())
+    assert again == first and len(session.messages) == 2
+    session.reset()
+    with pytest.raises(UsageError):
+        session.retry()
+
+
+def test_save_and_load_round_trip(loaded, tmp_path):
+    session = ChatSession(loaded, ChatSettings(**GREEDY), system="S")
+    reply(session, "Hello")
+    session.settings.set("top_k", "5")
+    session.save(tmp_path / "chat.json")
+    data = json.loads((tmp_path / "chat.json").read_text())
+    assert data["messages"] == session.messages and data["system"] == "S" and data["settings"]["top_k"] == 5
+    assert [p.name for p in tmp_path.iterdir()] == ["chat.json"]  # no temporary file left behind
+    other = ChatSession(loaded, ChatSettings())
+    other.load(tmp_path / "chat.json")
+    assert other.messages == session.messages and other.system == "S" and other.settings.top_k == 5
+
+
+@pytest.mark.parametrize("content", ["{broken", '{"messages": [{"role": "x"}]}', "[]", "\x00\xff"])
+def test_corrupt_conversation_files_change_nothing(loaded, tmp_path, content):
+    path = tmp_path / "bad.json"
+    path.write_bytes(content.encode("utf-8", "surrogateescape") if isinstance(content, str) else content)
+    session = ChatSession(loaded, ChatSettings(**GREEDY))
+    session.messages = [{"role": "user", "content": "keep me"}]
+    with pytest.raises(LocalGPTError, match="nothing loaded"):
+        session.load(path)
+    assert session.messages == [{"role": "user", "content": "keep me"}]
+
+
+@pytest.mark.parametrize("key, value", [("temperature", "-1"), ("top_p", "2"), ("top_k", "x"), ("max_tokens", "0"),
+                                        ("bogus", "1"), ("verbose", "maybe")])
+def test_settings_are_validated(key, value):
+    settings = ChatSettings()
+    with pytest.raises(UsageError):
+        settings.set(key, value)
+    assert settings == ChatSettings()
+
+
+def test_blocks_and_lines():
+    lines = ['first\n', '"""\n', 'a\n', '\n', 'b\n', '"""\n', '"""inline"""\n', '\n', 'last\n']
+    assert list(read_blocks(iter(lines))) == ["first", "a\n\nb", "inline", "last"]
+
+
+def drive_repl(loaded, keys: str, tmp_path):
+    from prompt_toolkit.input import create_pipe_input
+    from prompt_toolkit.output import DummyOutput
+    from rich.console import Console
+
+    from localgpt.repl import Repl
+
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=False, color_system=None, width=200)
+    session = ChatSession(loaded, ChatSettings(temperature=0.0, max_tokens=5))
+    with create_pipe_input() as pipe:
+        pipe.send_text(keys)
+        Repl(session, console, input=pipe, output=DummyOutput(), history_path=tmp_path / "history").run()
+    return session, out.getvalue()
+
+
+def test_repl_commands_and_state(loaded, tmp_path):
+    saved = tmp_path / "saved.json"
+    keys = ("/set temperature 0\r/set top_p 2\r/set verbose\r/x\r/help\r/system Be kind.\r/show\r"
+            f"Hello\r/save {saved}\r/reset\r/stats\r/load {saved}\r/set max_tokens 3\r"
+            '"""\rline one\rline two\r"""\r/bye\r')
+    session, output = drive_repl(loaded, keys, tmp_path)
+    assert "Set temperature to 0." in output
+    assert "top-p must be in (0, 1]" in output
+    assert "verbose off" in output
+    assert "Unknown command '/x'. Type /help." in output
+    assert "/retry" in output and "System prompt set." in output and "architecture" in output
+    assert "Saved 2 messages" in output and "New conversation." in output and "Loaded 2 messages" in output
+    assert session.system == "Be kind."
+    assert [m["content"] for m in session.messages if m["role"] == "user"] == ["Hello", "line one\nline two"]
+    assert session.settings.max_tokens == 3
+    assert (tmp_path / "history").exists()
+
+
+def test_piped_chat_is_scriptable_and_remembers(folder):
+    result = subprocess.run([sys.executable, "-m", "localgpt", "chat", "-m", str(folder), "-t", "0", "-n", "5"],
+                            input=b"Hi\nWhat did I say?\n", capture_output=True, timeout=120,
+                            env={**os.environ, "LOCALGPT_MODEL": ""})
+    assert result.returncode == 0, result.stderr.decode()
+    text = result.stdout.decode()
+    assert "\x1b" not in text and ">>>" not in text
+    replies = text.split("\n\n")
+    assert len(replies) == 3 and replies[2] == ""  # two replies, each followed by a blank line
