@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -192,7 +191,8 @@ class ChatSession:
             raise LocalGPTError(f"{path} is not a conversation file ({type(exc).__name__}) — nothing loaded") from None
         messages = data.get("messages") if isinstance(data, dict) else None
         if not isinstance(messages, list) or not all(
-            isinstance(m, dict) and m.get("role") in ("user", "assistant", "system") and isinstance(m.get("content"), str)
+            isinstance(m, dict) and m.get("role") in ("user", "assistant", "system")
+            and isinstance(m.get("content"), str)
             for m in messages
         ):
             raise LocalGPTError(f"{path} is not a conversation file (no valid 'messages') — nothing loaded")

@@ -3,6 +3,7 @@ newline), replies streamed as they come, slash commands, rich for everything tha
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from localgpt.chat import SETTINGS_HELP, ChatSession, stats_text
@@ -75,7 +76,7 @@ class Repl:
                     break
                 continue
             if text.strip():
-                self.answer(lambda: self.session.send(text))
+                self.answer(functools.partial(self.session.send, text))
 
     def answer(self, start) -> None:
         """Stream one reply; Ctrl-C stops it and keeps what was written."""
