@@ -37,9 +37,13 @@ class KVCache:
 
     def reorder(self, batch_indices: torch.Tensor) -> None:
         """Beam search: row i of the cache becomes old row batch_indices[i] (only the filled prefix is moved)."""
-        filled = slice(0, self.length)
-        self.keys[:, :, :, filled] = self.keys[:, batch_indices, :, filled]
-        self.values[:, :, :, filled] = self.values[:, batch_indices, :, filled]
+        moved = (batch_indices != torch.arange(len(batch_indices), device=batch_indices.device)).nonzero()[:, 0]
+        if len(moved) == 0:
+            return  # every beam continues itself: nothing to copy
+        filled, sources = slice(0, self.length), batch_indices[moved]
+        # The right-hand side gathers (copies) first, so rows that swap places are safe.
+        self.keys[:, moved, :, filled] = self.keys[:, sources, :, filled]
+        self.values[:, moved, :, filled] = self.values[:, sources, :, filled]
 
     def trim(self, length: int) -> None:
         """Forget positions from `length` on (they will be written again)."""

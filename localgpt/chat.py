@@ -28,6 +28,9 @@ SETTINGS_HELP = {
     "no_repeat_ngram_size": "0 = off",
     "max_tokens": "most tokens per reply",
     "seed": "integer, or none",
+    "num_beams": "1 = no beam search",
+    "length_penalty": "beam score = log-prob / length^F",
+    "early_stopping": "true | false | never (beam search)",
     "verbose": "on/off: the stats line after each reply",
 }
 
@@ -42,7 +45,19 @@ class ChatSettings:
     no_repeat_ngram_size: int = 0
     max_tokens: int = 1024
     seed: int | None = None
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: str = "false"
     verbose: bool = True
+
+    def beams(self):
+        """BeamOptions when num_beams > 1, else None."""
+        if self.num_beams <= 1:
+            return None
+        from localgpt.beam import BeamOptions
+
+        mode = {"true": True, "false": False, "never": "never"}[self.early_stopping]
+        return BeamOptions(self.num_beams, self.length_penalty, mode).validate()
 
     def sampling(self) -> SamplingOptions:
         return SamplingOptions(self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty,
@@ -60,8 +75,12 @@ class ChatSettings:
                 parsed: object = value.lower() in ("on", "true", "1")
             elif key == "seed":
                 parsed = None if value.lower() in ("none", "off") else int(value)
-            elif key in ("top_k", "max_tokens", "no_repeat_ngram_size"):
+            elif key in ("top_k", "max_tokens", "no_repeat_ngram_size", "num_beams"):
                 parsed = int(value)
+            elif key == "early_stopping":
+                if value.lower() not in ("true", "false", "never"):
+                    raise ValueError
+                parsed = value.lower()
             else:
                 parsed = float(value)
         except ValueError:
@@ -70,6 +89,8 @@ class ChatSettings:
         candidate.sampling()  # validates the sampling values
         if candidate.max_tokens < 1:
             raise UsageError(f"max_tokens must be >= 1, not {candidate.max_tokens}")
+        if candidate.num_beams < 1:
+            raise UsageError(f"num_beams must be >= 1, not {candidate.num_beams}")
         setattr(self, key, parsed)
 
 
@@ -148,10 +169,18 @@ class ChatSession:
         generated: list[int] = []
         reply = ""
         self.messages.append({"role": "assistant", "content": ""})
+        beams = self.settings.beams()
+        if beams is None:
+            responses = stream_generate(self.loaded.model, self.loaded.tokenizer, prompt_ids,
+                                        self.settings.sampling(), self.settings.max_tokens, cache=self.cache)
+        else:  # beams run in their own batched cache; the conversation's cache stays as it was
+            from localgpt.beam import stream_beam_search
+
+            responses = stream_beam_search(self.loaded.model, self.loaded.tokenizer, prompt_ids,
+                                           self.settings.sampling(), beams, self.settings.max_tokens)
         try:
-            for response in stream_generate(self.loaded.model, self.loaded.tokenizer, prompt_ids,
-                                            self.settings.sampling(), self.settings.max_tokens, cache=self.cache):
-                if response.generation_tokens > len(generated):  # one record per new token, plus a final one
+            for response in responses:
+                if beams is None and response.generation_tokens > len(generated):  # a record per new token
                     generated.append(response.token)
                 reply += response.text
                 self.messages[-1]["content"] = reply

@@ -47,7 +47,8 @@ def build_prompt(argument: str | None, stdin_text: str | None) -> str:
     return "\n\n".join(parts)
 
 
-def sampling_options(defaults: dict, temperature, top_k, top_p, min_p, repetition_penalty, seed):
+def sampling_options(defaults: dict, temperature, top_k, top_p, min_p, repetition_penalty, seed,
+                     no_repeat_ngram_size=0):
     """Flags win; then the model's generation_config.json; then localgpt's defaults."""
     from localgpt.sampling import SamplingOptions
 
@@ -64,6 +65,7 @@ def sampling_options(defaults: dict, temperature, top_k, top_p, min_p, repetitio
         repetition_penalty=float(
             repetition_penalty if repetition_penalty is not None else defaults.get("repetition_penalty", 1.0)
         ),
+        no_repeat_ngram_size=no_repeat_ngram_size,
         seed=seed,
     ).validate()
 
@@ -118,6 +120,12 @@ def generate(
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
     stats: bool = typer.Option(False, "--stats", help="Print token counts and speed to stderr."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming text."),
+    num_beams: int = typer.Option(1, "--num-beams", help="Beam search with N beams (transformers' semantics)."),
+    length_penalty: float = typer.Option(1.0, "--length-penalty", help="Beam score = log-prob / length^F."),
+    early_stopping: str = typer.Option("false", "--early-stopping", help="true | false | never (beam search)."),
+    num_return_sequences: int = typer.Option(1, "--num-return-sequences", help="Best K beams (K <= beams)."),
+    no_repeat_ngram_size: int = typer.Option(0, "--no-repeat-ngram-size", help="Never repeat an n-gram (0 = off)."),
+    do_sample: bool = typer.Option(False, "--do-sample", help="Beam sampling instead of deterministic beams."),
 ):
     """Generate an answer to a prompt, streamed to stdout."""
     if max_tokens < 1:
@@ -126,7 +134,8 @@ def generate(
         raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     # Validate the flags the user gave before spending seconds on loading.
     sampling_options({}, temperature if temperature is not None else 0.0, top_k, top_p, min_p, repetition_penalty,
-                     seed)
+                     seed, no_repeat_ngram_size)
+    beams = beam_options(num_beams, length_penalty, early_stopping, num_return_sequences, do_sample, stop)
     text = build_prompt(prompt, read_stdin_text())
 
     from localgpt.generate import stream_generate
@@ -134,12 +143,22 @@ def generate(
     from localgpt.weights import load_model
 
     loaded = load_model(resolve(model), dtype=dtype, device=device)
-    options = sampling_options(loaded.generation_defaults, temperature, top_k, top_p, min_p, repetition_penalty, seed)
+    options = sampling_options(loaded.generation_defaults, temperature, top_k, top_p, min_p, repetition_penalty, seed,
+                               no_repeat_ngram_size)
     prompt_ids = encode_prompt(loaded, text, system, raw, truncate)
+    if beams is not None and beams.num_return_sequences > 1:
+        print_beams(loaded, prompt_ids, options, beams, max_tokens, as_json)
+        return
 
+    if beams is None:
+        responses = stream_generate(loaded.model, loaded.tokenizer, prompt_ids, options, max_tokens, stop)
+    else:
+        from localgpt.beam import stream_beam_search
+
+        responses = stream_beam_search(loaded.model, loaded.tokenizer, prompt_ids, options, beams, max_tokens)
     pieces: list[str] = []
     final = None
-    for response in stream_generate(loaded.model, loaded.tokenizer, prompt_ids, options, max_tokens, stop):
+    for response in responses:
         if as_json:
             pieces.append(response.text)
         elif response.text:
@@ -151,6 +170,43 @@ def generate(
         write_out("\n")
     if stats:
         print(stats_line(final), file=sys.stderr)
+
+
+def beam_options(num_beams: int, length_penalty: float, early_stopping: str, num_return_sequences: int,
+                 do_sample: bool, stop: list[str]):
+    """The beam flags → BeamOptions (None for ordinary decoding), refusing combinations that mean nothing."""
+    modes = {"true": True, "false": False, "never": "never"}
+    if early_stopping.lower() not in modes:
+        raise UsageError(f"--early-stopping must be true, false or never, not {early_stopping!r}")
+    if num_beams < 1:
+        raise UsageError(f"--num-beams must be >= 1, not {num_beams}")
+    if num_return_sequences > num_beams:
+        raise UsageError(f"--num-return-sequences ({num_return_sequences}) cannot exceed --num-beams ({num_beams})")
+    if num_return_sequences < 1:
+        raise UsageError(f"--num-return-sequences must be >= 1, not {num_return_sequences}")
+    if num_beams == 1:
+        return None
+    if stop:
+        raise UsageError("--stop works with one beam only — drop --stop or --num-beams")
+    from localgpt.beam import BeamOptions
+
+    return BeamOptions(num_beams, length_penalty, modes[early_stopping.lower()], num_return_sequences,
+                       do_sample).validate()
+
+
+def print_beams(loaded, prompt_ids: list[int], options, beams, max_tokens: int, as_json: bool) -> None:
+    """--num-return-sequences > 1: nothing streams; every sequence at the end, best first."""
+    from localgpt.beam import beam_search
+
+    tokenizer = loaded.tokenizer
+    hypotheses = beam_search(loaded.model, prompt_ids, options, beams, max_tokens, tokenizer.eos_token_ids)
+    texts = [tokenizer.decode([t for t in h.tokens if t not in tokenizer.eos_token_ids]) for h in hypotheses]
+    if as_json:
+        sequences = [{"text": text, "tokens": len(h.tokens), "score": round(h.score, 6)}
+                     for text, h in zip(texts, hypotheses, strict=True)]
+        write_out(json.dumps({"sequences": sequences, "prompt_tokens": len(prompt_ids)}, ensure_ascii=False) + "\n")
+    else:
+        write_out("\n\n".join(texts) + "\n")
 
 
 def encode_prompt(loaded, text: str, system: str | None, raw: bool, truncate: bool) -> list[int]:

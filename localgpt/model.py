@@ -42,44 +42,33 @@ def make_norm(config: ModelConfig, dim: int) -> nn.Module:
 
 
 class Linear(nn.Module):
-    """y = x Wᵀ + b. W is kept as (out, in) like nn.Linear, or split for CPU decoding into `parts` column blocks
-    of Wᵀ, shape (parts, in, out/parts), multiplied with one bmm.
+    """y = x Wᵀ + b with W as (out, in), like nn.Linear. With `parts` > 0 the product runs as one bmm over
+    `parts` row blocks of W (a view, no copy): W blocks @ xᵀ.
 
-    Why: MKL's one-row float32 product runs on one core and reads an (out, in) weight at ~10 GB/s here; Wᵀ blocks
-    in a batched product run one block per core at ~25-30 GB/s (measured, docs/benchmarks.md).
+    Why: for the few rows of decoding (1 token, or one per beam) MKL's float32 product of x and an (out, in)
+    weight runs on one core at ~10 GB/s here; the blocked bmm runs one block per core at ~25-30 GB/s for one row
+    and ~15-25 GB/s for four (measured, docs/benchmarks.md). Prefill-sized inputs keep F.linear.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
-        self.parts = 0  # 0: nn.Linear layout; N: (N, in, out/N) blocks
+        self.parts = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.parts:
-            return F.linear(x, self.weight, self.bias)
         *lead, in_features = x.shape
-        rows = x.reshape(1, -1, in_features).expand(self.parts, -1, in_features)  # (N, M, in)
-        y = torch.bmm(rows, self.weight).transpose(0, 1).reshape(*lead, -1)  # (N, M, out/N) → (..., out)
+        rows = x.reshape(-1, in_features)  # (M, in)
+        if not self.parts or rows.shape[0] > 16:
+            return F.linear(x, self.weight, self.bias)
+        blocks = self.weight.view(self.parts, -1, in_features)  # (N, out/N, in)
+        y = torch.bmm(blocks, rows.t().unsqueeze(0).expand(self.parts, -1, -1))  # (N, out/N, M)
+        y = y.reshape(-1, rows.shape[0]).t().reshape(*lead, -1)  # (..., out): a view when M == 1
         return y if self.bias is None else y + self.bias
 
-    def split_(self, parts: int) -> None:
-        """Switch to the block layout in place (one weight copied at a time)."""
-        out_features, in_features = self.weight.shape
-        if self.parts or parts < 1 or out_features % parts:
-            return
-        width = out_features // parts
-        blocks = torch.empty(parts, in_features, width, dtype=self.weight.dtype, device=self.weight.device)
-        blocks.copy_(self.weight.data.view(parts, width, in_features).transpose(1, 2))  # one copy, no temporary
-        self.weight.data = blocks
-        self.parts = parts
-
-    def column(self, index: torch.Tensor) -> torch.Tensor:
-        """Rows of the original (out, in) weight, from either layout: a tied embedding's lookup."""
-        if not self.parts:
-            return F.embedding(index, self.weight)
-        width = self.weight.shape[2]
-        return self.weight[index // width, :, index % width]  # (..., in)
+    def use_blocks(self, parts: int) -> None:
+        if parts > 1 and self.weight.shape[0] % parts == 0:
+            self.parts = parts
 
 
 ACTIVATIONS = {
@@ -218,7 +207,6 @@ class Transformer(nn.Module):
         self.norm = make_norm(config, config.hidden_size)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
-        self.embed_from_head = False  # set when the tied embedding is stored in the head's block layout
         self._rope_cos = self._rope_sin = None  # float32 tables for positions [0, len), built on demand
 
     def tie_weights(self) -> None:
@@ -226,20 +214,13 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight  # one parameter, not a copy
 
     def use_fast_layout(self) -> None:
-        """Pick the weight layout that decodes fastest (measured, docs/benchmarks.md): on CPU in float32, every
-        projection is split into per-core blocks; bfloat16 and CUDA keep nn.Linear's layout."""
+        """On CPU in float32, run decoding products as per-core blocked bmm (see Linear). bfloat16 and CUDA
+        keep F.linear: blocking did not pay there (docs/benchmarks.md)."""
         if self.device.type != "cpu" or self.dtype != torch.float32:
             return
-        parts = torch.get_num_threads()
         for module in self.modules():
             if isinstance(module, Linear):
-                module.split_(parts)
-        self.embed_from_head = self.config.tie_word_embeddings and self.lm_head.parts > 0
-
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if self.embed_from_head:  # the tied embedding now lives in the head's block layout
-            return self.lm_head.column(input_ids)
-        return self.embed_tokens(input_ids)  # (B, T, hidden)
+                module.use_blocks(torch.get_num_threads())
 
     @property
     def dtype(self) -> torch.dtype:
@@ -282,7 +263,7 @@ class Transformer(nn.Module):
         """input_ids (B, T) at positions [start, start+T) → logits (B, 1 or T, vocab). Advances cache.length."""
         start = cache.length if start is None else start
         T = input_ids.shape[1]
-        x = self.embed(input_ids)  # (B, T, hidden)
+        x = self.embed_tokens(input_ids)  # (B, T, hidden)
         if self.config.embed_scale:
             x = x * torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype)
         if self.config.learned_positions:

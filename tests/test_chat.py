@@ -118,7 +118,8 @@ def test_corrupt_conversation_files_change_nothing(loaded, tmp_path, content):
 
 
 @pytest.mark.parametrize("key, value", [("temperature", "-1"), ("top_p", "2"), ("top_k", "x"), ("max_tokens", "0"),
-                                        ("bogus", "1"), ("verbose", "maybe")])
+                                        ("bogus", "1"), ("verbose", "maybe"), ("num_beams", "0"),
+                                        ("early_stopping", "sometimes")])
 def test_settings_are_validated(key, value):
     settings = ChatSettings()
     with pytest.raises(UsageError):
@@ -174,3 +175,18 @@ def test_piped_chat_is_scriptable_and_remembers(folder):
     assert "\x1b" not in text and ">>>" not in text
     replies = text.split("\n\n")
     assert len(replies) == 3 and replies[2] == ""  # two replies, each followed by a blank line
+
+
+def test_beams_in_chat_match_beam_search(loaded):
+    from localgpt.beam import BeamOptions, beam_search
+
+    session = ChatSession(loaded, ChatSettings(temperature=0.0, max_tokens=8))
+    session.settings.set("num_beams", "3")
+    session.settings.set("early_stopping", "never")
+    text = reply(session, "Hello")
+    ids = loaded.tokenizer.encode_chat([{"role": "user", "content": "Hello"}])
+    best = beam_search(loaded.model, ids, session.settings.sampling(), BeamOptions(3, early_stopping="never"), 8,
+                       loaded.tokenizer.eos_token_ids)[0]
+    assert text == loaded.tokenizer.decode([t for t in best.tokens if t not in loaded.tokenizer.eos_token_ids])
+    session.settings.set("num_beams", "1")
+    assert reply(session, "Again")  # back to sampling/greedy with the conversation cache

@@ -162,3 +162,76 @@ def test_default_model_without_hub_access(tmp_path):
     assert again.returncode == 0 and again.stderr == ""  # converted once, then used from the cache
     listed = run("list", "--json", env=env)
     assert '"SmolLM2-135M-Instruct"' in listed.stdout
+
+
+def write_qwen2_gguf(path: Path, folder: Path) -> None:
+    """A GGUF of a tiny random transformers Qwen2 model, written the way llama.cpp's converter lays it out."""
+    import json
+
+    import gguf
+    from safetensors.torch import load_file
+
+    config = json.loads((folder / "config.json").read_text())
+    tokenizer = json.loads((folder / "tokenizer.json").read_text())
+    vocab = sorted(tokenizer["model"]["vocab"].items(), key=lambda item: item[1])
+    added = {t["content"]: t["id"] for t in tokenizer["added_tokens"]}
+    tokens = [token for token, _ in vocab]
+    tokens += [f"[PAD{i}]" for i in range(len(tokens), config["vocab_size"])]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tokenizer["model"]["merges"]]
+    writer = gguf.GGUFWriter(str(path), "qwen2")
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(config["num_attention_heads"])
+    writer.add_head_count_kv(config["num_key_value_heads"])
+    writer.add_rope_freq_base(config["rope_parameters"]["rope_theta"])
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("qwen2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if t in added else 1 for t in tokens])
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    for name, tensor in load_file(folder / "model.safetensors").items():
+        if name == "model.embed_tokens.weight":
+            target = "token_embd.weight"
+        elif name == "model.norm.weight":
+            target = "output_norm.weight"
+        elif name == "lm_head.weight":
+            target = "output.weight"
+        else:
+            _, _, index, *module, kind = name.split(".")
+            target = f"blk.{index}.{names['.'.join(module)]}.{kind}"
+        writer.add_tensor(target, tensor.float().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@torch.no_grad()
+def test_qwen2_gguf_converts_like_transformers_loads_it(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from helpers import tiny_model
+    from localgpt.tokenizer import Tokenizer
+    from localgpt.weights import load_model
+
+    tiny_model(tmp_path / "hf", "qwen2", tokenizer=True)
+    gguf_file = tmp_path / "tiny-qwen2.F32.gguf"
+    write_qwen2_gguf(gguf_file, tmp_path / "hf")
+    convert(gguf_file, tmp_path / "ours", dtype="float32")
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=gguf_file.name, dtype=torch.float32).eval()
+    theirs_tokenizer = AutoTokenizer.from_pretrained(tmp_path, gguf_file=gguf_file.name)
+    ours = load_model(tmp_path / "ours", dtype="float32", device="cpu")
+    text = "Hello, world! a ,b 東京 😀"
+    assert Tokenizer(tmp_path / "ours").encode(text) == theirs_tokenizer(text)["input_ids"]
+    ids = torch.tensor([ours.tokenizer.encode(text)])
+    expected = reference(ids).logits
+    actual = ours.model(ids, ours.model.new_cache(1, ids.shape[1]), 0, last_only=False)
+    assert (actual - expected).abs().max().item() < 1e-4

@@ -1,0 +1,155 @@
+"""Beam search against transformers' generate: the same token ids for every option, and a streamed prefix that is
+always a prefix of the final answer."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from helpers import tiny_model
+from localgpt.beam import BeamOptions, beam_search
+from localgpt.config import load_config
+from localgpt.errors import UsageError
+from localgpt.sampling import SamplingOptions
+from localgpt.weights import load_weights
+
+pytest.importorskip("transformers")
+
+EOS = list(range(2, 50))  # many end tokens, so that hypotheses finish early and often
+GRID = list(itertools.product([2, 4], [0.5, 1.0, 2.0], [True, False, "never"], [0, 2], [1, 2]))
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def pair(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(f"beam-{request.param}")
+    reference = tiny_model(folder, request.param, eos_token_id=EOS)
+    ours = load_weights(folder, load_config(folder), torch.float32, torch.device("cpu"))
+    return reference, ours
+
+
+def reference_beams(reference, ids: list[int], new_tokens: int, **options) -> list[list[int]]:
+    prompt = torch.tensor([ids])
+    out = reference.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                             do_sample=False, pad_token_id=0, **options)
+    return out[:, len(ids):].tolist()
+
+
+def assert_same(ours, theirs, fill=EOS[0]):
+    """transformers pads shorter beams with `pad_token_id or eos_token_id[0]`: 0 is falsy, so EOS[0]."""
+    assert len(ours) == len(theirs)
+    for hypothesis, row in zip(ours, theirs, strict=True):
+        tokens = hypothesis.tokens
+        assert row[: len(tokens)] == tokens
+        assert all(t == fill for t in row[len(tokens):])
+
+
+@pytest.mark.parametrize("num_beams, length_penalty, early_stopping, ngram, returns", GRID)
+@torch.no_grad()
+def test_beams_equal_transformers(pair, num_beams, length_penalty, early_stopping, ngram, returns):
+    reference, ours = pair
+    ids = torch.randint(50, 500, (10,), generator=torch.Generator().manual_seed(num_beams + ngram)).tolist()
+    expected = reference_beams(reference, ids, 20, num_beams=num_beams, length_penalty=length_penalty,
+                               early_stopping=early_stopping, no_repeat_ngram_size=ngram,
+                               num_return_sequences=returns)
+    beams = BeamOptions(num_beams, length_penalty, early_stopping, returns)
+    sampling = SamplingOptions(temperature=0, no_repeat_ngram_size=ngram)
+    actual = beam_search(ours, ids, sampling, beams, 20, set(EOS))
+    assert_same(actual, expected)
+
+
+@torch.no_grad()
+def test_repetition_penalty_with_beams(pair):
+    reference, ours = pair
+    ids = [60, 61, 60, 61, 60, 61, 70, 71]
+    expected = reference_beams(reference, ids, 16, num_beams=3, repetition_penalty=1.5)
+    actual = beam_search(ours, ids, SamplingOptions(temperature=0, repetition_penalty=1.5), BeamOptions(3), 16,
+                         set(EOS))
+    assert_same(actual, expected)
+
+
+@torch.no_grad()
+def test_streamed_prefix_is_always_a_prefix_of_the_answer(pair):
+    _, ours = pair
+    for seed in range(6):
+        ids = torch.randint(50, 500, (8,), generator=torch.Generator().manual_seed(seed)).tolist()
+        streamed: list[int] = []
+        best = beam_search(ours, ids, SamplingOptions(temperature=0), BeamOptions(4, early_stopping="never"), 24,
+                           set(EOS[:5]), on_commit=streamed.extend)[0]
+        assert best.tokens[: len(streamed)] == streamed
+
+
+@torch.no_grad()
+def test_beam_sampling_is_seeded_and_valid(pair):
+    _, ours = pair
+    sampling = SamplingOptions(temperature=0.8, top_k=20, seed=3)
+    runs = [beam_search(ours, [60, 61, 62], sampling, BeamOptions(3, do_sample=True, num_return_sequences=2), 12,
+                        set(EOS)) for _ in range(2)]
+    assert [h.tokens for h in runs[0]] == [h.tokens for h in runs[1]]
+    assert runs[0][0].score >= runs[0][1].score
+
+
+@pytest.mark.parametrize("options", [BeamOptions(num_beams=0), BeamOptions(num_beams=2, num_return_sequences=3),
+                                     BeamOptions(early_stopping="sometimes")])
+def test_invalid_beam_options(options):
+    with pytest.raises(UsageError):
+        options.validate()
+
+
+SMOL_GRID = [  # every value of every option at least once, on the real model
+    (2, 1.0, False, 0, 1), (4, 0.5, True, 2, 2), (4, 2.0, "never", 0, 2), (2, 2.0, True, 2, 1),
+    (4, 1.0, "never", 2, 1), (2, 0.5, False, 0, 2),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("num_beams, length_penalty, early_stopping, ngram, returns", SMOL_GRID)
+@torch.no_grad()
+def test_beams_equal_transformers_on_smollm2(smol, num_beams, length_penalty, early_stopping, ngram, returns):
+    reference, ours = smol
+    ids = ours.tokenizer.encode_chat([{"role": "user", "content": "Write a sentence about the moon."}])
+    prompt = torch.tensor([ids])
+    expected = reference.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=24,
+                                  do_sample=False, num_beams=num_beams, length_penalty=length_penalty,
+                                  early_stopping=early_stopping, no_repeat_ngram_size=ngram,
+                                  num_return_sequences=returns)[:, len(ids):].tolist()
+    actual = beam_search(ours.model, ids, SamplingOptions(temperature=0, no_repeat_ngram_size=ngram),
+                         BeamOptions(num_beams, length_penalty, early_stopping, returns), 24,
+                         ours.tokenizer.eos_token_ids)
+    fill = reference.generation_config.pad_token_id or ours.tokenizer.token_to_id("<|im_end|>")
+    assert_same(actual, expected, fill=fill)
+
+
+@pytest.fixture(scope="module")
+def smol():
+    from transformers import AutoModelForCausalLM
+
+    import smollm2
+    from localgpt.weights import load_model
+
+    folder = smollm2.hf_folder()
+    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return reference, load_model(folder, "float32", "cpu")
+
+
+@pytest.mark.slow
+def test_cli_beam_example_streams_and_lists(smol):
+    import json
+    import subprocess
+    import sys
+
+    import smollm2
+
+    folder = str(smollm2.hf_folder())
+    base = [sys.executable, "-m", "localgpt", "generate", "-m", folder, "Write a short poem about the sea."]
+    result = subprocess.run(base + ["-n", "50", "--num-beams", "4", "--no-repeat-ngram-size", "2"],
+                            capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0 and result.stdout.strip() and result.stderr == ""
+    listed = subprocess.run(base + ["-n", "20", "--num-beams", "4", "--num-return-sequences", "2", "--json"],
+                            capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    sequences = json.loads(listed.stdout)["sequences"]
+    assert len(sequences) == 2 and sequences[0]["score"] >= sequences[1]["score"]
+    bad = subprocess.run(base + ["--num-beams", "2", "--num-return-sequences", "3"], capture_output=True, text=True,
+                         timeout=60, stdin=subprocess.DEVNULL)
+    assert bad.returncode == 2 and bad.stderr.startswith("Error: --num-return-sequences (3) cannot exceed")
