@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from localgpt.errors import UsageError
-from localgpt.generate import Response, check_prompt_fits, prefill
+from localgpt.generate import Response, check_prompt_fits, prefill, timed_response
 from localgpt.model import Transformer
 from localgpt.sampling import SamplingOptions, process_logits
 from localgpt.tokenizer import StreamDecoder
@@ -194,10 +194,7 @@ def stream_beam_search(model: Transformer, tokenizer, prompt_ids: Sequence[int],
     first = None
 
     def record(text: str, tokens: int, finish: str | None = None) -> Response:
-        now = time.perf_counter()
-        ttft = (first or now) - start
-        return Response(text, None, len(prompt_ids), tokens, finish, ttft, len(prompt_ids) / ttft if ttft else 0.0,
-                        (tokens - 1) / (now - first) if first and tokens > 1 and now > first else 0.0)
+        return timed_response(text, None, len(prompt_ids), tokens, finish, start, first)
 
     while True:
         try:

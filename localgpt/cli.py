@@ -70,6 +70,17 @@ def sampling_options(defaults: dict, temperature, top_k, top_p, min_p, repetitio
     ).validate()
 
 
+def check_flags(max_tokens, dtype, temperature, top_k, top_p, min_p, repetition_penalty, seed,
+                no_repeat_ngram_size=0) -> None:
+    """Refuse bad values the user typed before spending seconds on loading a model."""
+    if max_tokens < 1:
+        raise UsageError(f"--max-tokens must be >= 1, not {max_tokens}")
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    sampling_options({}, temperature if temperature is not None else 0.0, top_k, top_p, min_p, repetition_penalty,
+                     seed, no_repeat_ngram_size)
+
+
 def write_out(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()
@@ -128,13 +139,7 @@ def generate(
     do_sample: bool = typer.Option(False, "--do-sample", help="Beam sampling instead of deterministic beams."),
 ):
     """Generate an answer to a prompt, streamed to stdout."""
-    if max_tokens < 1:
-        raise UsageError(f"--max-tokens must be >= 1, not {max_tokens}")
-    if dtype not in DTYPES:
-        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
-    # Validate the flags the user gave before spending seconds on loading.
-    sampling_options({}, temperature if temperature is not None else 0.0, top_k, top_p, min_p, repetition_penalty,
-                     seed, no_repeat_ngram_size)
+    check_flags(max_tokens, dtype, temperature, top_k, top_p, min_p, repetition_penalty, seed, no_repeat_ngram_size)
     beams = beam_options(num_beams, length_penalty, early_stopping, num_return_sequences, do_sample, stop)
     text = build_prompt(prompt, read_stdin_text())
 
@@ -430,12 +435,7 @@ def chat(
     no_history: bool = typer.Option(False, "--no-history", help="Do not read or write LOCALGPT_HOME/history."),
 ):
     """Chat with a model. With stdin not a terminal: one message per line, each reply followed by a blank line."""
-    if max_tokens < 1:
-        raise UsageError(f"--max-tokens must be >= 1, not {max_tokens}")
-    if dtype not in DTYPES:
-        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
-    sampling_options({}, temperature if temperature is not None else 0.0, top_k, top_p, min_p, repetition_penalty,
-                     seed)
+    check_flags(max_tokens, dtype, temperature, top_k, top_p, min_p, repetition_penalty, seed)
 
     from localgpt.chat import ChatSession, ChatSettings, run_piped
     from localgpt.hub import home, resolve

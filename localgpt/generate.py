@@ -35,6 +35,17 @@ class Response:
     generation_tps: float = 0.0
 
 
+def timed_response(text: str, token: int | None, prompt_tokens: int, generated: int, finish_reason: str | None,
+                   start: float, first_token_time: float | None) -> Response:
+    """A Response with its speed figures: prompt speed up to the first token, decode speed after it."""
+    now = time.perf_counter()
+    ttft = (first_token_time or now) - start
+    decode_time = now - (first_token_time or now)
+    return Response(text, token, prompt_tokens, generated, finish_reason, ttft,
+                    prompt_tokens / ttft if ttft > 0 else 0.0,
+                    (generated - 1) / decode_time if generated > 1 and decode_time > 0 else 0.0)
+
+
 def check_prompt_fits(prompt_len: int, context_length: int) -> None:
     if prompt_len == 0:
         raise PromptError("the prompt is empty — give a prompt as an argument or on stdin")
@@ -135,19 +146,7 @@ def responses(tokens: Iterable[int], tokenizer, prompt_tokens: int, stop: Sequen
     last_token = None
 
     def record(text: str, finish_reason: str | None = None) -> Response:
-        now = time.perf_counter()
-        ttft = (first_token_time or now) - start
-        decode_time = now - (first_token_time or now)
-        return Response(
-            text=text,
-            token=last_token,
-            prompt_tokens=prompt_tokens,
-            generation_tokens=generated,
-            finish_reason=finish_reason,
-            time_to_first_token=ttft,
-            prompt_tps=prompt_tokens / ttft if ttft > 0 else 0.0,
-            generation_tps=(generated - 1) / decode_time if generated > 1 and decode_time > 0 else 0.0,
-        )
+        return timed_response(text, last_token, prompt_tokens, generated, finish_reason, start, first_token_time)
 
     for token in tokens:
         if first_token_time is None:
