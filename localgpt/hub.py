@@ -156,18 +156,13 @@ def _hub_error(exc: Exception, repo_id: str) -> Exception:
 
     if isinstance(exc, errors.GatedRepoError):
         return ModelError(f"'{repo_id}' is gated — accept its license on the hub and set HF_TOKEN")
-    if isinstance(exc, errors.RepositoryNotFoundError):
-        status = getattr(getattr(exc, "response", None), "status_code", None)
-        if status in (401, 403):
-            return ModelError(f"access to '{repo_id}' was refused — set HF_TOKEN to a token that can read it")
-        return ModelError(f"no model '{repo_id}' on the hub — check the name")
     if isinstance(exc, errors.RevisionNotFoundError):
         return ModelError(f"'{repo_id}' has no such revision — check --revision")
-    if isinstance(exc, errors.HfHubHTTPError):
+    if isinstance(exc, errors.HfHubHTTPError):  # RepositoryNotFoundError included (the hub says 404 or 401)
         status = getattr(getattr(exc, "response", None), "status_code", None)
         if status in (401, 403):
             return ModelError(f"access to '{repo_id}' was refused — set HF_TOKEN to a token that can read it")
-        if status == 404:
+        if status == 404 or isinstance(exc, errors.RepositoryNotFoundError):
             return ModelError(f"no model '{repo_id}' on the hub — check the name")
         return ModelError(f"the hub answered {status} for '{repo_id}' — try again later")
     if isinstance(exc, (errors.OfflineModeIsEnabled, errors.LocalEntryNotFoundError, OSError)):
