@@ -22,10 +22,6 @@ class KVCache:
     def max_len(self) -> int:
         return self.keys.shape[3]
 
-    @property
-    def batch_size(self) -> int:
-        return self.keys.shape[1]
-
     def update(self, layer: int, start: int, keys: torch.Tensor, values: torch.Tensor):
         """Write (B, n_kv, T, hd) keys/values at positions [start, start+T) and return views of [0, start+T)."""
         end = start + keys.shape[2]

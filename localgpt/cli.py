@@ -27,6 +27,10 @@ DEFAULT_TEMPERATURE = 0.7
 DEFAULT_TOP_P = 0.9
 DEFAULT_MAX_TOKENS = 512
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+MODEL_OPTION = typer.Option(
+    None, "--model", "-m", help="Folder, hub repo id or name from 'localgpt list'. Default: SmolLM2-135M-Instruct.",
+    envvar="LOCALGPT_MODEL",
+)
 
 
 def read_stdin_text() -> str | None:
@@ -110,10 +114,7 @@ def command(function=None, *, name: str | None = None):
 @command
 def generate(
     prompt: str | None = typer.Argument(None, help="The prompt. Text piped on stdin comes first."),
-    model: str = typer.Option(
-        None, "--model", "-m", help="Folder, hub repo id or name from 'localgpt list'. Default: SmolLM2-135M-Instruct.",
-        envvar="LOCALGPT_MODEL",
-    ),
+    model: str = MODEL_OPTION,
     max_tokens: int = typer.Option(DEFAULT_MAX_TOKENS, "--max-tokens", "-n", help="Most tokens to generate."),
     temperature: float | None = typer.Option(
         None, "--temperature", "-t", help="0 = greedy. Default: model's, else 0.7."
@@ -216,6 +217,8 @@ def print_beams(loaded, prompt_ids: list[int], options, beams, max_tokens: int, 
 
 def encode_prompt(loaded, text: str, system: str | None, raw: bool, truncate: bool) -> list[int]:
     """Chat models get the text as a user message (plus the system prompt); --raw or no template: the text as-is."""
+    from localgpt.generate import check_prompt_fits
+
     tokenizer = loaded.tokenizer
     if raw or tokenizer.chat_template is None:
         if system and not raw:
@@ -227,10 +230,7 @@ def encode_prompt(loaded, text: str, system: str | None, raw: bool, truncate: bo
     context = loaded.config.context_length
     if len(ids) >= context:
         if not truncate:
-            raise PromptError(
-                f"the prompt is {len(ids)} tokens but the model's context is {context} tokens — "
-                "shorten it, or pass --truncate to keep its end"
-            )
+            check_prompt_fits(len(ids), context)  # raises the error that names both lengths
         keep = context // 2  # leave room to answer
         print(f"localgpt: the prompt was {len(ids)} tokens; kept its last {keep}", file=sys.stderr)
         ids = ids[-keep:]
@@ -418,10 +418,7 @@ def rm(
 
 @command
 def chat(
-    model: str = typer.Option(
-        None, "--model", "-m", help="Folder, hub repo id or name from 'localgpt list'. Default: SmolLM2-135M-Instruct.",
-        envvar="LOCALGPT_MODEL",
-    ),
+    model: str = MODEL_OPTION,
     system: str | None = typer.Option(None, "--system", "-s", help="System prompt."),
     max_tokens: int = typer.Option(1024, "--max-tokens", "-n", help="Most tokens per reply."),
     temperature: float | None = typer.Option(None, "--temperature", "-t", help="0 = greedy."),

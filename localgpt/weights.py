@@ -20,6 +20,7 @@ import torch
 from localgpt.config import ModelConfig
 from localgpt.errors import ModelError
 from localgpt.families import family_for
+from localgpt.hub import PICKLE_SUFFIXES
 from localgpt.model import Transformer
 
 SAFETENSORS_DTYPES = {
@@ -35,7 +36,6 @@ SAFETENSORS_DTYPES = {
     "BOOL": torch.bool,
 }
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit; a larger claim is corruption, not a model
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 @dataclass(frozen=True)
@@ -221,12 +221,6 @@ def load_weights(model_dir: Path, config: ModelConfig, dtype: torch.dtype, devic
         raise ModelError(f"{model_dir}: the checkpoint is missing tensors for {shown} — download it again")
     model.use_fast_layout()
     return model
-
-
-def weights_nbytes(model: torch.nn.Module) -> int:
-    """Bytes of the model's parameters, each shared parameter once."""
-    return sum(p.numel() * p.element_size() for p in model.parameters())
-
 
 
 @dataclass
