@@ -9,13 +9,11 @@ renamed into place at the end, so an interrupted conversion never leaves a folde
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from localgpt.atomic import atomic_folder, refuse_existing
 from localgpt.errors import ModelError
 
 SUPPORTED_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -212,8 +210,7 @@ def convert(gguf_path: Path, output: Path, dtype: str = "bfloat16", force: bool 
 
     if dtype not in ("bfloat16", "float32"):
         raise ModelError(f"--dtype for convert must be bfloat16 or float32, not {dtype!r}")
-    if output.exists() and not force:
-        raise ModelError(f"{output} already exists — pass --force to replace it, or choose another -o")
+    refuse_existing(output, force)
     reader = open_gguf(gguf_path)
     config, tokenizer_meta = read_config(reader, gguf_path)
     for key in ("bos", "eos", "pad", "unk"):
@@ -245,12 +242,7 @@ def convert(gguf_path: Path, output: Path, dtype: str = "bfloat16", force: bool 
         if progress:
             progress(done, total)
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(scratch, 0o777 & ~umask)  # mkdtemp makes it private; the finished model is an ordinary folder
-    try:
+    with atomic_folder(output, force) as scratch:
         save_file(tensors, str(scratch / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save(str(scratch / "tokenizer.json"))
         (scratch / "config.json").write_text(json.dumps(config, indent=2))
@@ -268,19 +260,5 @@ def convert(gguf_path: Path, output: Path, dtype: str = "bfloat16", force: bool 
         if tokenizer_meta["chat_template"]:
             (scratch / "chat_template.jinja").write_text(tokenizer_meta["chat_template"])
         (scratch / "localgpt.json").write_text(json.dumps({"source": str(gguf_path), "converted_from": "gguf"}))
-        _replace_folder(scratch, output)
-    except BaseException:
-        shutil.rmtree(scratch, ignore_errors=True)
-        raise
     return output
 
-
-def _replace_folder(new: Path, target: Path) -> None:
-    """Move a finished folder into place; an existing target (only with --force) is removed after the swap."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-        os.replace(new, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, target)

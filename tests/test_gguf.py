@@ -96,7 +96,7 @@ def test_interrupted_conversion_leaves_no_folder(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
-    with pytest.raises(OSError):
+    with pytest.raises(ModelError, match="No space left on device — nothing was written"):
         convert(smollm2.gguf_path(), tmp_path / "out", dtype="float32")
     assert list(tmp_path.iterdir()) == []
 
