@@ -31,6 +31,9 @@ MODEL_OPTION = typer.Option(
     None, "--model", "-m", help="Folder, hub repo id or name from 'localgpt list'. Default: SmolLM2-135M-Instruct.",
     envvar="LOCALGPT_MODEL",
 )
+QUANTIZE_OPTION = typer.Option(
+    None, "--quantize", "-q", help="Quantize while loading: 8 | 4 (nf4) | nf4 | fp4 (needs localgpt[quant]).",
+)
 
 
 def read_stdin_text() -> str | None:
@@ -75,8 +78,12 @@ def sampling_options(defaults: dict, temperature, top_k, top_p, min_p, repetitio
 
 
 def check_flags(max_tokens, dtype, temperature, top_k, top_p, min_p, repetition_penalty, seed,
-                no_repeat_ngram_size=0) -> None:
+                no_repeat_ngram_size=0, quantize=None) -> None:
     """Refuse bad values the user typed before spending seconds on loading a model."""
+    if quantize is not None:
+        from localgpt.quantize import parse_spec
+
+        parse_spec(quantize)
     if max_tokens < 1:
         raise UsageError(f"--max-tokens must be >= 1, not {max_tokens}")
     if dtype not in DTYPES:
@@ -138,9 +145,11 @@ def generate(
     num_return_sequences: int = typer.Option(1, "--num-return-sequences", help="Best K beams (K <= beams)."),
     no_repeat_ngram_size: int = typer.Option(0, "--no-repeat-ngram-size", help="Never repeat an n-gram (0 = off)."),
     do_sample: bool = typer.Option(False, "--do-sample", help="Beam sampling instead of deterministic beams."),
+    quantize: str | None = QUANTIZE_OPTION,
 ):
     """Generate an answer to a prompt, streamed to stdout."""
-    check_flags(max_tokens, dtype, temperature, top_k, top_p, min_p, repetition_penalty, seed, no_repeat_ngram_size)
+    check_flags(max_tokens, dtype, temperature, top_k, top_p, min_p, repetition_penalty, seed, no_repeat_ngram_size,
+                quantize)
     beams = beam_options(num_beams, length_penalty, early_stopping, num_return_sequences, do_sample, stop)
     text = build_prompt(prompt, read_stdin_text())
 
@@ -148,7 +157,7 @@ def generate(
     from localgpt.hub import resolve
     from localgpt.weights import load_model
 
-    loaded = load_model(resolve(model), dtype=dtype, device=device)
+    loaded = load_model(resolve(model), dtype=dtype, device=device, quantize=quantize)
     options = sampling_options(loaded.generation_defaults, temperature, top_k, top_p, min_p, repetition_penalty, seed,
                                no_repeat_ngram_size)
     prompt_ids = encode_prompt(loaded, text, system, raw, truncate)
@@ -337,6 +346,71 @@ def convert(
     print(target)
 
 
+@command
+def quantize(
+    model: str = typer.Argument(..., help="Folder, hub repo id or name from 'localgpt list' (a float model)."),
+    bits: int = typer.Option(4, "--bits", help="8 or 4."),
+    quant_type: str = typer.Option("nf4", "--type", help="4-bit code: nf4 | fp4."),
+    compute_dtype: str = typer.Option(
+        "auto", "--compute-dtype", help="auto | bfloat16 | float32. auto on CPU: float32 for 8-bit, bfloat16 for 4-bit."
+    ),
+    skip: str | None = typer.Option(
+        None, "--skip", help="Comma-separated module names kept unquantized. Default: lm_head for 8-bit; "
+        "lm_head,q_proj,k_proj,v_proj for 4-bit (half the quality loss for ~20% more size).",
+    ),
+    int8_threshold: float | None = typer.Option(
+        None, "--int8-threshold",
+        help="8-bit: input columns above this run in float16. Default 1.5 (transformers' default: 6.0).",
+    ),
+    output: str | None = typer.Option(
+        None, "--output", "-o", help="Folder to write. Default: LOCALGPT_HOME/models/NAME-q4 (-q8, -q4-fp4)."
+    ),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N (where to quantize)."),
+):
+    """Write an 8-bit or 4-bit copy of a model through bitsandbytes (needs localgpt[quant]).
+
+    On CPU quantization is for memory, not speed: bitsandbytes' CPU kernels dequantize inside every product, so
+    8-bit and 4-bit models decode slower than bfloat16 there (docs/quantization.md). On CUDA they save memory at a
+    small cost in speed. The folder loads in localgpt and in transformers.
+    """
+    from pathlib import Path
+
+    from localgpt.atomic import refuse_existing
+    from localgpt.hub import human_size, models_dir, resolve
+    from localgpt.inventory import folder_size
+    from localgpt.quantize import DEFAULT_INT8_THRESHOLD, load_bitsandbytes, parse_spec, write_quantized
+    from localgpt.weights import choose_device, load_model
+
+    if bits not in (4, 8):
+        raise UsageError(f"--bits must be 8 or 4, not {bits}")
+    if quant_type not in ("nf4", "fp4"):
+        raise UsageError(f"--type must be nf4 or fp4, not {quant_type!r}")
+    flag = "8" if bits == 8 else quant_type
+    int8_threshold = DEFAULT_INT8_THRESHOLD if int8_threshold is None else int8_threshold
+    spec = parse_spec(flag, compute_dtype, skip, threshold=int8_threshold)
+    load_bitsandbytes(choose_device(device))  # a missing bitsandbytes is said before any work starts
+    source = resolve(model)
+    target = Path(output).expanduser() if output else models_dir() / f"{model_name(source)}-{spec.suffix}"
+    refuse_existing(target, force)
+    print(f"localgpt: quantizing {source} → {target}", file=sys.stderr)
+    loaded = load_model(source, dtype=compute_dtype, device=device, quantize=flag, skip=skip,
+                        int8_threshold=int8_threshold)
+    write_quantized(loaded.model, source, target, force=force)
+    print(f"localgpt: {loaded.model.quantization.label}, {human_size(folder_size(source))} → "
+          f"{human_size(folder_size(target))}", file=sys.stderr)
+    print(target)
+
+
+def model_name(folder) -> str:
+    """A model's short name: the repo name for a Hugging Face cache snapshot (models--org--name/snapshots/sha),
+    else the folder's own name."""
+    parts = folder.resolve().parts
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        return parts[-3].split("--")[-1]
+    return folder.name
+
+
 def gguf_stem(filename: str) -> str:
     """SmolLM2-135M-Instruct.Q4_1.gguf → SmolLM2-135M-Instruct (the quantization suffix says nothing once
     dequantized)."""
@@ -430,15 +504,16 @@ def chat(
     dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 | float16"),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
     no_history: bool = typer.Option(False, "--no-history", help="Do not read or write LOCALGPT_HOME/history."),
+    quantize: str | None = QUANTIZE_OPTION,
 ):
     """Chat with a model. With stdin not a terminal: one message per line, each reply followed by a blank line."""
-    check_flags(max_tokens, dtype, temperature, top_k, top_p, min_p, repetition_penalty, seed)
+    check_flags(max_tokens, dtype, temperature, top_k, top_p, min_p, repetition_penalty, seed, quantize=quantize)
 
     from localgpt.chat import ChatSession, ChatSettings, run_piped
     from localgpt.hub import home, resolve
     from localgpt.weights import load_model
 
-    loaded = load_model(resolve(model), dtype=dtype, device=device)
+    loaded = load_model(resolve(model), dtype=dtype, device=device, quantize=quantize)
     options = sampling_options(loaded.generation_defaults, temperature, top_k, top_p, min_p, repetition_penalty, seed)
     settings = ChatSettings(temperature=options.temperature, top_k=options.top_k, top_p=options.top_p,
                             min_p=options.min_p, repetition_penalty=options.repetition_penalty,

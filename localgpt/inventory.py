@@ -45,15 +45,22 @@ def folder_size(path: Path) -> int:
 def describe(path: Path, name: str | None = None, where: str = "folder") -> ModelEntry:
     """Everything `show` prints, from the config and the safetensors headers (no weights are read)."""
     from localgpt.config import read_json
-    from localgpt.weights import checkpoint_files, read_safetensors_header
+    from localgpt.weights import checkpoint_files, quantized_weight_key, read_safetensors_header
 
     raw = read_json(path / "config.json", "model config")
     parameters, dtypes = 0, Counter()
     for file in checkpoint_files(path):
-        for entry in read_safetensors_header(file).values():
+        entries = read_safetensors_header(file)
+        stats = {quantized_weight_key(key) for key in entries} - {None}
+        four_bit = {weight for weight, stat in stats if stat.startswith("quant_state")}
+        for key, entry in entries.items():
+            if quantized_weight_key(key):
+                continue  # quantization statistics are not parameters
             count = 1
             for dim in entry.shape:
                 count *= dim
+            if key in four_bit:
+                count *= 2  # two 4-bit values per stored byte
             parameters += count
             dtypes[str(entry.dtype).removeprefix("torch.")] += count
     quantization = raw.get("quantization_config") or None

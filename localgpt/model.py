@@ -213,12 +213,14 @@ class Transformer(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight  # one parameter, not a copy
 
-    def use_fast_layout(self) -> None:
+    def use_fast_layout(self, head_only: bool = False) -> None:
         """On CPU in float32, run decoding products as per-core blocked bmm (see Linear). bfloat16 and CUDA
-        keep F.linear: blocking did not pay there (docs/benchmarks.md)."""
+        keep F.linear: blocking did not pay there (docs/benchmarks.md). head_only, for quantized models:
+        bitsandbytes' CPU kernels round their inputs coarsely, which magnifies the blocked product's last-bit
+        differences from transformers into visible ones; the head feeds nothing, so it keeps its blocks."""
         if self.device.type != "cpu" or self.dtype != torch.float32:
             return
-        for module in self.modules():
+        for module in [self.lm_head] if head_only else self.modules():
             if isinstance(module, Linear):
                 module.use_blocks(torch.get_num_threads())
 

@@ -12,16 +12,27 @@ import contextlib
 import ctypes
 import json
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from localgpt.config import ModelConfig
-from localgpt.errors import ModelError
-from localgpt.families import family_for
+from localgpt.config import ModelConfig, read_json
+from localgpt.errors import ModelError, UsageError
+from localgpt.families import Target, family_for
 from localgpt.hub import PICKLE_SUFFIXES
-from localgpt.model import Transformer
+from localgpt.model import Linear, Transformer
+from localgpt.quantize import (
+    DEFAULT_INT8_THRESHOLD,
+    QuantizedWeight,
+    QuantSpec,
+    load_bitsandbytes,
+    make_module,
+    parse_spec,
+    quantize_weight,
+    skipped,
+    spec_from_config,
+)
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64,
@@ -168,22 +179,88 @@ def _skip_random_init():
             setattr(torch.nn.init, name, function)
 
 
-def load_weights(model_dir: Path, config: ModelConfig, dtype: torch.dtype, device: torch.device) -> Transformer:
+def quantized_weight_key(key: str) -> tuple[str, str] | None:
+    """A bitsandbytes statistic's checkpoint name → (its weight's name, the statistic): `….q_proj.weight.absmax` →
+    (`….q_proj.weight`, `absmax`); `….q_proj.SCB` → (`….q_proj.weight`, `SCB`). None for any other tensor."""
+    if ".weight." in key:
+        module, stat = key.split(".weight.", 1)
+        return f"{module}.weight", stat
+    for stat in ("SCB", "weight_format"):
+        if key.endswith(f".{stat}"):
+            return f"{key.removesuffix(stat)}weight", stat
+    return None
+
+
+def _module_name(parameter_name: str) -> str:
+    return parameter_name.rsplit(".", 1)[0]
+
+
+def load_weights(model_dir: Path, config: ModelConfig, dtype: torch.dtype, device: torch.device,
+                 quantize: QuantSpec | None = None) -> Transformer:
+    """Read a checkpoint into a new Transformer. A bitsandbytes checkpoint (quantized weights and their statistics
+    in transformers' names) loads its quantized layers as they are; `quantize` quantizes a float checkpoint's
+    linear layers as each weight is complete, so only one float layer at a time is held beside the result."""
     family = family_for(config.model_type)
+    headers = [(path, read_safetensors_header(path)) for path in checkpoint_files(model_dir)]
+    stats = {quantized_weight_key(key) for _, entries in headers for key in entries} - {None}
+    stored_quantized = {weight_key for weight_key, _ in stats}
+    layout: dict[str, Target] = {}  # checkpoint weight/bias name → where it lives in our model
+    for _, entries in headers:
+        for key in entries:
+            if quantized_weight_key(key) or (config.tie_word_embeddings and key == "lm_head.weight"):
+                continue  # statistics travel with their weight; a tied head is the embedding
+            target = family.target(config, key)
+            if target is not None:
+                layout[key] = target
+
     with torch.device("meta"), _skip_random_init():
         model = Transformer(config)
+    # Linear layers stored quantized never get a float weight; layers to quantize on load get one, filled and then
+    # replaced as soon as it is complete.
+    quantized_modules = {_module_name(layout[key].name) for key in stored_quantized if key in layout}
+    to_quantize: set[str] = set()
+    if quantize is not None and not quantized_modules:
+        linear_weights = {t.name for t in layout.values() if t.name.endswith(".weight")
+                          and isinstance(model.get_submodule(_module_name(t.name)), Linear)}
+        skipped_modules = {_module_name(t.name) for key, t in layout.items()
+                           if t.name in linear_weights and skipped(_module_name(key), quantize.skip)}
+        to_quantize = {_module_name(name) for name in linear_weights} - skipped_modules
+    if config.tie_word_embeddings:
+        to_quantize.discard("lm_head")  # the head is the embedding, which stays as it is
+    quantized_shapes = {}
+    for name in quantized_modules:
+        linear = model.get_submodule(name)
+        if not isinstance(linear, Linear):
+            raise ModelError(f"{model_dir}: '{name}' is stored quantized but is not a linear layer")
+        quantized_shapes[name] = tuple(linear.weight.shape)
+        linear.weight = None
     model = model.to(dtype=dtype).to_empty(device=device)
     model.tie_weights()  # to_empty allocates per parameter; re-share the tied head
     model.eval().requires_grad_(False)
     params = dict(model.named_parameters(remove_duplicate=False))
     rows_filled = {name: 0 for name in params}
-    for path in checkpoint_files(model_dir):
-        entries = read_safetensors_header(path)
+    quantized_parts: dict[str, list[tuple[int, int, dict[str, torch.Tensor], str]]] = {}
+    ready: dict[str, QuantizedWeight] = {}
+    bnb = load_bitsandbytes(device) if quantized_modules or to_quantize else None
+    for path, entries in headers:
         with open(path, "rb", buffering=0) as file:
             for key, entry in entries.items():
-                if config.tie_word_embeddings and key == "lm_head.weight":
-                    continue  # tied: the embedding is the head
-                target = family.target(config, key)
+                stat = quantized_weight_key(key)
+                weight_key, part = stat if stat else (key, "weight")
+                if weight_key in stored_quantized:
+                    target = layout.get(weight_key)
+                    if target is None:
+                        continue
+                    values = torch.empty(entry.shape, dtype=entry.dtype)
+                    _read_into(file, entry, values, path)
+                    parts = quantized_parts.setdefault(_module_name(target.name), [])
+                    slot = next((p for p in parts if p[0] == target.row_offset), None)
+                    if slot is None:
+                        slot = (target.row_offset, target.rows, {}, weight_key)
+                        parts.append(slot)
+                    slot[2][part] = values
+                    continue
+                target = layout.get(key)
                 if target is None:
                     continue  # buffers we recompute (rotary tables, GPT-2's mask) or parts we do not run
                 if target.name not in params:
@@ -208,6 +285,14 @@ def load_weights(model_dir: Path, config: ModelConfig, dtype: torch.dtype, devic
                     destination.copy_(staging.t() if target.transpose else staging)
                     del staging
                 rows_filled[target.name] += rows
+                module_name = _module_name(target.name)
+                if module_name in to_quantize and target.name.endswith(".weight") and \
+                        rows_filled[target.name] == param.shape[0]:
+                    ready[module_name] = quantize_weight(param.data, quantize, bnb)
+                    model.get_submodule(module_name).weight = None  # frees the float weight now
+                    del params[target.name]
+    for name, parts in quantized_parts.items():
+        ready[name] = _assemble(model_dir, quantized_shapes[name], parts, bnb)
     missing = [
         name for name, param in params.items()
         if rows_filled[name] < param.shape[0] and not (name == "lm_head.weight" and config.tie_word_embeddings)
@@ -219,8 +304,40 @@ def load_weights(model_dir: Path, config: ModelConfig, dtype: torch.dtype, devic
     if missing:
         shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
         raise ModelError(f"{model_dir}: the checkpoint is missing tensors for {shown} — download it again")
-    model.use_fast_layout()
+    spec = quantize or (spec_from_config(read_json(model_dir / "config.json", "model config"), "config.json")
+                        if quantized_modules else None)
+    if spec is not None:
+        _install_quantized(model, ready, spec, bnb, device)
+    model.checkpoint_layout = layout
+    model.quantization = spec
+    model.use_fast_layout(head_only=spec is not None)
     return model
+
+
+def _assemble(model_dir: Path, shape: tuple[int, int], parts, bnb) -> QuantizedWeight:
+    """One fused layer from its stored quantized projections (q, k, v → qkv), checked against the config."""
+    weights = []
+    for _, rows, tensors, key in sorted(parts, key=lambda part: part[0]):
+        weight = QuantizedWeight.from_checkpoint(tensors, key, bnb)
+        if rows is not None and weight.shape[0] != rows:
+            raise ModelError(f"{model_dir}: '{key}' has {weight.shape[0]} rows, config.json says {rows}")
+        weights.append(weight)
+    joined = QuantizedWeight.join(weights)
+    if tuple(joined.shape) != shape:
+        raise ModelError(f"{model_dir}: quantized '{parts[0][3]}' has shape {list(joined.shape)} but config.json "
+                         f"makes the layer {list(shape)} — the weights do not match config.json")
+    return joined
+
+
+def _install_quantized(model: Transformer, ready: dict[str, QuantizedWeight], spec: QuantSpec, bnb,
+                       device: torch.device) -> None:
+    """Swap the quantized layers in; everything left in float runs in the compute dtype."""
+    for name, weight in ready.items():
+        linear = model.get_submodule(name)
+        model.set_submodule(name, make_module(weight, linear.bias, spec, bnb, device))
+    for param in model.parameters():
+        if param.dtype.is_floating_point and param.dtype != spec.compute_dtype:
+            param.data = param.data.to(spec.compute_dtype)
 
 
 @dataclass
@@ -243,13 +360,28 @@ def choose_device(name: str) -> torch.device:
         raise ModelError(f"--device {name!r} is not a device torch knows (try cpu or cuda)") from None
 
 
-def load_model(model_dir: Path, dtype: str = "auto", device: str = "auto") -> LoadedModel:
-    """A model folder → model, tokenizer and config, ready to generate."""
+def load_model(model_dir: Path, dtype: str = "auto", device: str = "auto", quantize: str | None = None,
+               skip: str | None = None, int8_threshold: float = DEFAULT_INT8_THRESHOLD) -> LoadedModel:
+    """A model folder → model, tokenizer and config, ready to generate. `quantize` (8, 4, nf4, fp4) quantizes a
+    float model's linear layers while loading; a bitsandbytes checkpoint loads quantized by itself. With
+    quantization, `dtype` is the compute dtype (auto: the checkpoint's, or the faster one for this device)."""
     from localgpt.config import load_config, load_generation_defaults
     from localgpt.tokenizer import Tokenizer
 
     config = load_config(model_dir)
     tokenizer = Tokenizer(model_dir, config.eos_token_ids)
     torch_device = choose_device(device)
-    model = load_weights(model_dir, config, choose_dtype(dtype, torch_device), torch_device)
+    stored = spec_from_config(read_json(model_dir / "config.json", "model config"), f"{model_dir}/config.json")
+    if stored is not None and quantize:
+        raise UsageError(f"{model_dir.name} is already quantized ({stored.label}) — drop --quantize")
+    if quantize:
+        spec = parse_spec(quantize, None if dtype == "auto" else dtype, skip, torch_device, int8_threshold)
+    else:
+        spec = stored
+    if spec is not None and dtype != "auto":
+        spec = replace(spec, compute_dtype=choose_dtype(dtype, torch_device))
+    # Weights are quantized from the compute dtype, as transformers does: quantizing float32 weights and then
+    # running 8-bit in bfloat16 matched neither transformers nor the float model (measured on SmolLM2).
+    load_dtype = spec.compute_dtype if spec else choose_dtype(dtype, torch_device)
+    model = load_weights(model_dir, config, load_dtype, torch_device, quantize=spec)
     return LoadedModel(model, tokenizer, config, load_generation_defaults(model_dir), model_dir)

@@ -71,3 +71,41 @@ def test_logits_match_transformers(folder, reference):
     expected = model(ids).logits
     actual = ours(ids, ours.new_cache(1, 40), 0, last_only=False)
     assert (actual - expected).abs().max().item() < 1e-3
+
+
+@pytest.mark.parametrize("flag, compute", [("8", "float32"), ("nf4", "bfloat16")])
+@torch.no_grad()
+def test_quantized_greedy_equals_transformers(folder, flag, compute):
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from localgpt.quantize import DEFAULT_INT8_THRESHOLD, DEFAULT_SKIP
+
+    dtype = getattr(torch, compute)
+    bnb_args = dict(load_in_8bit=True, llm_int8_threshold=DEFAULT_INT8_THRESHOLD) if flag == "8" else dict(
+        load_in_4bit=True, bnb_4bit_quant_type=flag, bnb_4bit_compute_dtype=dtype,
+        llm_int8_skip_modules=list(DEFAULT_SKIP[4]))
+    reference = AutoModelForCausalLM.from_pretrained(folder, quantization_config=BitsAndBytesConfig(**bnb_args),
+                                                     dtype=dtype).eval()
+    ours = load_model(folder, dtype=compute, device="cpu", quantize=flag)
+    ids = ours.tokenizer.encode_chat([{"role": "user", "content": QUESTIONS[0]}])
+    prompt = torch.tensor([ids])
+    expected = reference.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=24,
+                                  do_sample=False)[0, len(ids):].tolist()
+    actual = list(generate_tokens(ours.model, ids, SamplingOptions(temperature=0), 24, ours.tokenizer.eos_token_ids))
+    assert actual == expected
+    assert "Paris" in ours.tokenizer.decode(actual)
+
+
+def test_cli_quantize_then_generate(folder, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    quantized = tmp_path / "smol-q4"
+    result = subprocess.run([sys.executable, "-m", "localgpt", "quantize", str(folder), "--bits", "4", "-o",
+                             str(quantized)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    size = sum(p.stat().st_size for p in quantized.iterdir())
+    assert size < 0.3 * sum(p.stat().st_size for p in folder.iterdir())  # float32 → 4-bit weights, bf16 embedding
+    answer = subprocess.run([sys.executable, "-m", "localgpt", "generate", "-m", str(quantized),
+                             "What is the capital of France?", "-t", "0", "-n", "20"],
+                            capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert answer.returncode == 0 and "Paris" in answer.stdout, answer.stderr
