@@ -13,13 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import resource
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from localgpt.bench import peak_rss_mb
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = ROOT / "tests" / "data" / "perplexity.txt"
@@ -31,17 +32,6 @@ QUESTIONS = [
     "What is the boiling point of water in Celsius?",
 ]
 FLOAT_FORMATS = ("float32", "bfloat16")
-
-
-def peak_rss_mb() -> float:
-    """This process's peak RSS. VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across exec."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def perplexity(model, ids: list[int], chunk: int = 256) -> float:

@@ -9,6 +9,22 @@ from __future__ import annotations
 import torch
 
 
+def write_positions(cache_keys: torch.Tensor, cache_values: torch.Tensor, layer: int, start: int, keys: torch.Tensor,
+                    values: torch.Tensor) -> None:
+    """Write keys/values (B, n_kv, T, hd) into one layer of the cache buffers at positions [start, start+T)."""
+    end = start + keys.shape[2]
+    cache_keys[layer, :, :, start:end] = keys
+    cache_values[layer, :, :, start:end] = values
+
+
+@torch.library.custom_op("localgpt::write_positions", mutates_args=("cache_keys", "cache_values"))
+def write_positions_op(cache_keys: torch.Tensor, cache_values: torch.Tensor, layer: int, start: int,
+                       keys: torch.Tensor, values: torch.Tensor) -> None:
+    """write_positions for torch.compile, with its mutations declared so the compiled step writes in place:
+    traced as a slice assignment, it copied the whole cache back after every layer."""
+    write_positions(cache_keys, cache_values, layer, start, keys, values)
+
+
 class KVCache:
     def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, max_len: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str = "cpu"):
@@ -27,8 +43,8 @@ class KVCache:
         end = start + keys.shape[2]
         if end > self.max_len:
             raise IndexError(f"KV cache holds {self.max_len} positions, asked to write up to {end}")
-        self.keys[layer, :, :, start:end] = keys
-        self.values[layer, :, :, start:end] = values
+        write = write_positions_op if torch.compiler.is_compiling() else write_positions
+        write(self.keys, self.values, layer, start, keys, values)
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]  # (B, n_kv, end, hd)
 
     def reorder(self, batch_indices: torch.Tensor) -> None:

@@ -31,6 +31,9 @@ MODEL_OPTION = typer.Option(
     None, "--model", "-m", help="Folder, hub repo id or name from 'localgpt list'. Default: SmolLM2-135M-Instruct.",
     envvar="LOCALGPT_MODEL",
 )
+COMPILE_OPTION = typer.Option(
+    False, "--compile", help="torch.compile the decode step: ~10-15% faster decoding after a wait of up to a minute.",
+)
 QUANTIZE_OPTION = typer.Option(
     None, "--quantize", "-q", help="Quantize while loading: 8 | 4 (nf4) | nf4 | fp4 (needs localgpt[quant]).",
 )
@@ -146,6 +149,7 @@ def generate(
     no_repeat_ngram_size: int = typer.Option(0, "--no-repeat-ngram-size", help="Never repeat an n-gram (0 = off)."),
     do_sample: bool = typer.Option(False, "--do-sample", help="Beam sampling instead of deterministic beams."),
     quantize: str | None = QUANTIZE_OPTION,
+    compile_step: bool = COMPILE_OPTION,
 ):
     """Generate an answer to a prompt, streamed to stdout."""
     check_flags(max_tokens, dtype, temperature, top_k, top_p, min_p, repetition_penalty, seed, no_repeat_ngram_size,
@@ -154,10 +158,8 @@ def generate(
     text = build_prompt(prompt, read_stdin_text())
 
     from localgpt.generate import stream_generate
-    from localgpt.hub import resolve
-    from localgpt.weights import load_model
 
-    loaded = load_model(resolve(model), dtype=dtype, device=device, quantize=quantize)
+    loaded = load_for_generation(model, dtype, device, quantize, compile_step)
     options = sampling_options(loaded.generation_defaults, temperature, top_k, top_p, min_p, repetition_penalty, seed,
                                no_repeat_ngram_size)
     prompt_ids = encode_prompt(loaded, text, system, raw, truncate)
@@ -185,6 +187,18 @@ def generate(
         write_out("\n")
     if stats:
         print(stats_line(final), file=sys.stderr)
+
+
+def load_for_generation(model: str | None, dtype: str, device: str, quantize: str | None, compile_step: bool):
+    from localgpt.hub import resolve
+    from localgpt.weights import load_model
+
+    loaded = load_model(resolve(model), dtype=dtype, device=device, quantize=quantize)
+    if compile_step:
+        from localgpt.compiled import compile_decode
+
+        compile_decode(loaded.model)
+    return loaded
 
 
 def beam_options(num_beams: int, length_penalty: float, early_stopping: str, num_return_sequences: int,
@@ -282,7 +296,8 @@ def main(argv: list[str] | None = None) -> None:
         code = code if isinstance(code, int) else 0
     except typer.Exit as exc:
         code = exc.exit_code
-    except typer.Abort:
+    except (typer.Abort, KeyboardInterrupt):  # Ctrl-C outside a command's own handler (while parsing, say)
+        sys.stderr.write("\n")
         code = report_error("interrupted", 130)
     except typer.TyperException as exc:  # Typer's (vendored click's) usage errors: bad flags, missing values
         if debug:
@@ -335,12 +350,12 @@ def convert(
     from pathlib import Path
 
     from localgpt.gguf import convert as convert_gguf
-    from localgpt.hub import models_dir
+    from localgpt.hub import writable_models_dir
 
     if dtype not in ("bfloat16", "float32"):
         raise UsageError(f"--dtype must be bfloat16 or float32, not {dtype!r}")
     source = Path(gguf_file).expanduser()
-    target = Path(output).expanduser() if output else models_dir() / gguf_stem(source.name)
+    target = Path(output).expanduser() if output else writable_models_dir() / gguf_stem(source.name)
     print(f"localgpt: converting {source} → {target}", file=sys.stderr)
     convert_gguf(source, target, dtype=dtype, force=force)
     print(target)
@@ -377,7 +392,7 @@ def quantize(
     from pathlib import Path
 
     from localgpt.atomic import refuse_existing
-    from localgpt.hub import human_size, models_dir, resolve
+    from localgpt.hub import human_size, resolve, writable_models_dir
     from localgpt.inventory import folder_size
     from localgpt.quantize import DEFAULT_INT8_THRESHOLD, load_bitsandbytes, parse_spec, write_quantized
     from localgpt.weights import choose_device, load_model
@@ -391,11 +406,11 @@ def quantize(
     spec = parse_spec(flag, compute_dtype, skip, threshold=int8_threshold)
     load_bitsandbytes(choose_device(device))  # a missing bitsandbytes is said before any work starts
     source = resolve(model)
-    target = Path(output).expanduser() if output else models_dir() / f"{model_name(source)}-{spec.suffix}"
+    target = Path(output).expanduser() if output else writable_models_dir() / f"{model_name(source)}-{spec.suffix}"
     refuse_existing(target, force)
     print(f"localgpt: quantizing {source} → {target}", file=sys.stderr)
     loaded = load_model(source, dtype=compute_dtype, device=device, quantize=flag, skip=skip,
-                        int8_threshold=int8_threshold)
+                        int8_threshold=int8_threshold, fast_layout=False)
     write_quantized(loaded.model, source, target, force=force)
     print(f"localgpt: {loaded.model.quantization.label}, {human_size(folder_size(source))} → "
           f"{human_size(folder_size(target))}", file=sys.stderr)
@@ -418,6 +433,77 @@ def gguf_stem(filename: str) -> str:
 
     stem = filename.removesuffix(".gguf")
     return re.sub(r"[.-](?:[QqIi][A-Za-z0-9_]+|[Ff](?:16|32)|[Bb][Ff]16)$", "", stem) or stem
+
+
+@command
+def bench(
+    model: str = MODEL_OPTION,
+    prompt_tokens: int = typer.Option(128, "--prompt-tokens", help="Prompt length."),
+    new_tokens: int = typer.Option(128, "--new-tokens", help="Tokens to decode (end-of-sequence ignored)."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 | float16"),
+    quantize: str | None = QUANTIZE_OPTION,
+    repeats: int = typer.Option(3, "--repeats", help="Runs per implementation; the best figures are kept."),
+    compare: list[str] = typer.Option(
+        [], "--compare", help="Also run transformers (localgpt[bench]) or llama.cpp (llama-cpp-python, needs --gguf)."
+    ),
+    gguf: str | None = typer.Option(None, "--gguf", help="The GGUF file llama.cpp runs (the same model)."),
+    compile_step: bool = COMPILE_OPTION,
+    as_json: bool = typer.Option(False, "--json", help="JSON for scripts."),
+):
+    """Measure time to first token, prefill and decode speed, memory bandwidth used and peak memory.
+
+    Each implementation runs in its own process on the same prompt and token counts (greedy); ratios are
+    localgpt / the other.
+    """
+    from pathlib import Path
+
+    from localgpt.bench import format_table, machine_description, measure, memory_bandwidth
+    from localgpt.hub import resolve
+
+    check_flags(1, dtype, None, None, None, None, None, None, 0, quantize)
+    if prompt_tokens < 1 or new_tokens < 2 or repeats < 1:
+        raise UsageError("--prompt-tokens must be >= 1, --new-tokens >= 2 and --repeats >= 1")
+    unknown = [name for name in compare if name not in ("transformers", "llama.cpp")]
+    if unknown:
+        raise UsageError(f"--compare takes transformers or llama.cpp, not {unknown[0]!r}")
+    if "llama.cpp" in compare and not (gguf and Path(gguf).expanduser().is_file()):
+        raise UsageError("--compare llama.cpp needs --gguf FILE, a GGUF of the same model")
+    import importlib.util
+
+    needs = {"transformers": ("transformers", "pip install 'localgpt[bench]'"),
+             "llama.cpp": ("llama_cpp", "pip install llama-cpp-python")}
+    for name in compare:
+        module, install = needs[name]
+        if importlib.util.find_spec(module) is None:  # said before minutes of measuring, not after
+            raise LocalGPTError(f"--compare {name} needs {module}: {install}")
+    folder = resolve(model)
+    workload = dict(prompt_tokens=prompt_tokens, new_tokens=new_tokens, repeats=repeats)
+    bandwidth = memory_bandwidth()
+    print(f"localgpt: benchmarking {folder.name}, {prompt_tokens} prompt tokens, {new_tokens} new, best of {repeats}",
+          file=sys.stderr)
+    if compile_step:
+        print("localgpt: compiling the decode step first (about a minute on a cold cache)", file=sys.stderr)
+    results = [measure("localgpt", model=folder, dtype=dtype, quantize=quantize, compile=compile_step, **workload)]
+    for name in compare:
+        print(f"localgpt: running {name}", file=sys.stderr)
+        if name == "transformers":
+            results.append(measure(name, model=folder, dtype=results[0].compute_dtype, quantize=quantize, **workload))
+        else:
+            results.append(measure(name, gguf=Path(gguf).expanduser(), threads=results[0].threads, **workload))
+    if as_json:
+        from dataclasses import asdict
+
+        report = {"machine": machine_description(), "memory_bandwidth_gb_s": bandwidth, "model": str(folder),
+                  **workload, "results": [{**asdict(r), "gb_per_s": r.gb_per_s} for r in results]}
+        write_out(json.dumps(report, indent=2) + "\n")
+        return
+    print(f"machine: {machine_description()}")
+    print(f"memory bandwidth (sum over 512 MB): {bandwidth:.1f} GB/s")
+    print(f"model: {folder}; prompt {prompt_tokens} tokens, {new_tokens} new tokens, greedy, best of {repeats}")
+    if compile_step:
+        print(f"torch.compile of the decode step: {results[0].compile_s:.1f} s (not in the figures below)")
+    print()
+    print(format_table(results, bandwidth))
 
 
 @command(name="list")
@@ -505,15 +591,15 @@ def chat(
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
     no_history: bool = typer.Option(False, "--no-history", help="Do not read or write LOCALGPT_HOME/history."),
     quantize: str | None = QUANTIZE_OPTION,
+    compile_step: bool = COMPILE_OPTION,
 ):
     """Chat with a model. With stdin not a terminal: one message per line, each reply followed by a blank line."""
     check_flags(max_tokens, dtype, temperature, top_k, top_p, min_p, repetition_penalty, seed, quantize=quantize)
 
     from localgpt.chat import ChatSession, ChatSettings, run_piped
-    from localgpt.hub import home, resolve
-    from localgpt.weights import load_model
+    from localgpt.hub import home
 
-    loaded = load_model(resolve(model), dtype=dtype, device=device, quantize=quantize)
+    loaded = load_for_generation(model, dtype, device, quantize, compile_step)
     options = sampling_options(loaded.generation_defaults, temperature, top_k, top_p, min_p, repetition_penalty, seed)
     settings = ChatSettings(temperature=options.temperature, top_k=options.top_k, top_p=options.top_p,
                             min_p=options.min_p, repetition_penalty=options.repetition_penalty,

@@ -11,6 +11,7 @@ import torch
 from helpers import VARIANTS, tiny_model
 from localgpt.config import load_config
 from localgpt.generate import generate_tokens
+from localgpt.model import Linear, can_pack
 from localgpt.sampling import SamplingOptions
 from localgpt.weights import load_weights
 
@@ -138,3 +139,24 @@ def test_bfloat16_stays_close(tmp_path):
     expected = reference(ids).logits.float()
     actual = ours(ids, ours.new_cache(1, PROMPT_LEN), 0, last_only=False).float()
     assert (actual - expected).abs().max().item() < 0.1 * expected.abs().max().item()
+
+
+@pytest.mark.skipif(not can_pack(torch.bfloat16), reason="oneDNN bfloat16 is not available on this CPU")
+@pytest.mark.parametrize("variant", ["llama", "qwen2"])  # untied head; tied head (kept plain) with q/k/v biases
+@torch.no_grad()
+def test_bfloat16_packed_layout_changes_no_bit(tmp_path, variant):
+    tiny_model(tmp_path, variant)
+    config = load_config(tmp_path)
+    plain = load_weights(tmp_path, config, torch.bfloat16, torch.device("cpu"), fast_layout=False)
+    packed = load_weights(tmp_path, config, torch.bfloat16, torch.device("cpu"))
+    linears = [m for m in packed.modules() if isinstance(m, Linear)]
+    assert all(m.packed for m in linears if m is not packed.lm_head)
+    assert packed.lm_head.packed == (not config.tie_word_embeddings)
+    assert packed.weight_bytes() == plain.weight_bytes()
+    ids = prompt_ids(7)
+    for model in (plain, packed):  # prefill (12 rows) then 8 one-token steps, and 4 rows at a time (beams)
+        model.outputs = [model(ids, cache := model.new_cache(1, 32), 0, last_only=False)]
+        model.outputs += [model(ids[:, i : i + 1], cache) for i in range(8)]
+        model.outputs.append(model(ids[:, :4].t().contiguous(), model.new_cache(4, 4), 0))
+    for expected, actual in zip(plain.outputs, packed.outputs, strict=True):
+        assert torch.equal(expected, actual)

@@ -1,0 +1,89 @@
+"""`localgpt bench` through the real CLI on a tiny model: figures that hang together, the transformers comparison,
+and clear errors for what it cannot run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from helpers import tiny_model
+from localgpt.bench import BenchResult, format_table, prompt_ids
+from test_cli import assert_clean_error, run
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("bench-model")
+    tiny_model(folder, "llama", tokenizer=True)
+    return folder
+
+
+def test_prompt_ids_fit_the_vocabulary():
+    assert max(prompt_ids(500, 512)) < 512 and min(prompt_ids(500, 512)) >= 100
+    assert prompt_ids(3, 49152) == [100, 137, 174]
+
+
+def test_bench_against_transformers_json(model):
+    result = run("bench", "-m", str(model), "--prompt-tokens", "16", "--new-tokens", "6", "--repeats", "1",
+                 "--compare", "transformers", "--json", timeout=300)
+    assert result.returncode == 0, result.stderr.decode()
+    report = json.loads(result.stdout)
+    assert report["memory_bandwidth_gb_s"] > 0 and report["prompt_tokens"] == 16
+    ours, theirs = report["results"]
+    assert (ours["implementation"], theirs["implementation"]) == ("localgpt", "transformers")
+    assert ours["dtype"] == theirs["dtype"] == "float32"  # --dtype auto on CPU, and transformers is run the same
+    # The tiny model: 512 x 64 embedding tied to the head, two layers; both count the same weights.
+    assert ours["weight_bytes"] == theirs["weight_bytes"]
+    for r in (ours, theirs):
+        assert r["decode_tps"] > 0 and r["ttft_s"] > 0 and r["peak_rss_mb"] > 50
+        assert r["prefill_tps"] == pytest.approx(16 / r["ttft_s"])
+        assert r["gb_per_s"] == pytest.approx(r["weight_bytes"] * r["decode_tps"] / 1e9)
+
+
+def test_bench_table(model):
+    result = run("bench", "-m", str(model), "--prompt-tokens", "8", "--new-tokens", "4", "--repeats", "1",
+                 "--dtype", "bfloat16", timeout=300)
+    assert result.returncode == 0, result.stderr.decode()
+    out = result.stdout.decode()
+    assert "memory bandwidth" in out and "decode tok/s" in out
+    assert "localgpt      bfloat16" in out
+
+
+def test_format_table_ratios():
+    ours = BenchResult("localgpt", "float32", 0.1, 1280, 40.0, 540_000_000, 800, 1.0, 2)
+    theirs = BenchResult("transformers", "float32", 0.2, 640, 20.0, 540_000_000, 1000, 2.0, 2)
+    table = format_table([ours, theirs], bandwidth=28.0)
+    assert "21.6" in table and "77%" in table  # 540 MB x 40 tok/s = 21.6 GB/s of 28
+    ratio = table.splitlines()[-1].split()
+    assert ratio[:3] == ["ratio", "vs", "transformers"] and ratio[3:6] == ["0.50x", "2.00x", "2.00x"]
+    assert ratio[-1] == "0.80x"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--compare", "ollama"], "--compare takes transformers or llama.cpp"),
+        (["--compare", "llama.cpp"], "--compare llama.cpp needs --gguf FILE"),
+        (["--new-tokens", "1"], "--new-tokens >= 2"),
+        (["--dtype", "int3"], "--dtype must be one of"),
+        (["-q", "3"], "quantization must be one of 8, 4, nf4, fp4"),
+    ],
+)
+def test_bad_flags(model, args, message):
+    assert_clean_error(run("bench", "-m", str(model), *args), 2, message)
+
+
+def test_llama_cpp_missing_is_a_clear_error(model, tmp_path):
+    try:
+        import llama_cpp  # noqa: F401
+
+        pytest.skip("llama-cpp-python is installed here")
+    except ImportError:
+        pass
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    result = run("bench", "-m", str(model), "--new-tokens", "2", "--prompt-tokens", "4", "--repeats", "1",
+                 "--compare", "llama.cpp", "--gguf", str(gguf), timeout=300)
+    assert_clean_error(result, 1, "pip install llama-cpp-python")
