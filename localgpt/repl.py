@@ -6,8 +6,39 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+from prompt_toolkit.history import FileHistory
+
 from localgpt.chat import SETTINGS_HELP, ChatSession, stats_text
 from localgpt.errors import LocalGPTError
+
+
+class ForgivingFileHistory(FileHistory):
+    """prompt-toolkit's history file (append-only: one small write per entry, so a crash loses at most that entry)
+    that turns a file it cannot read or write into one dim notice instead of a crash: the chat matters more than
+    its history. Undecodable bytes in it are already replaced, not fatal."""
+
+    def __init__(self, path: Path, console):
+        super().__init__(str(path))
+        self.console = console
+        self.warned = False
+
+    def warn(self, exc: OSError) -> None:
+        if not self.warned:
+            self.console.print(f"[dim]history is off: cannot use {self.filename} ({exc.strerror or exc})[/dim]")
+            self.warned = True
+
+    def load_history_strings(self):
+        try:
+            return list(super().load_history_strings())
+        except OSError as exc:
+            self.warn(exc)
+            return []
+
+    def store_string(self, string: str) -> None:
+        try:
+            super().store_string(string)
+        except OSError as exc:
+            self.warn(exc)
 
 HELP = """Commands:
   /help, /?            this help
@@ -29,7 +60,7 @@ LEAVE = object()
 class Repl:
     def __init__(self, session: ChatSession, console, input=None, output=None, history_path: Path | None = None):
         from prompt_toolkit import PromptSession
-        from prompt_toolkit.history import FileHistory, InMemoryHistory
+        from prompt_toolkit.history import InMemoryHistory
         from prompt_toolkit.key_binding import KeyBindings
 
         self.session = session
@@ -45,7 +76,7 @@ class Repl:
         if history_path is not None:
             try:
                 history_path.parent.mkdir(parents=True, exist_ok=True)
-                history = FileHistory(str(history_path))
+                history = ForgivingFileHistory(history_path, console)
             except OSError as exc:
                 console.print(f"[dim]history is off: cannot use {history_path} ({exc.strerror})[/dim]")
         self.prompt = PromptSession(history=history, key_bindings=bindings, input=input, output=output,

@@ -49,6 +49,8 @@ class Tokenizer:
             if (text := _token_text(settings.get(key))) is not None
         }
         self.chat_template = self._find_chat_template(model_dir, settings.get("chat_template"))
+        jinja_file = model_dir / "chat_template.jinja"
+        self.chat_template_source = str(jinja_file if jinja_file.exists() else model_dir / "tokenizer_config.json")
         eos_ids = set(config_eos_ids)
         eos_text = self.special_tokens.get("eos_token")
         if eos_text is not None and (eos_id := self._tokenizer.token_to_id(eos_text)) is not None:
@@ -84,7 +86,8 @@ class Tokenizer:
     def render_chat(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
         if self.chat_template is None:
             raise TokenizerError("this model has no chat template — use --raw to send the text as-is")
-        return render_template(self.chat_template, messages, add_generation_prompt, self.special_tokens)
+        return render_template(self.chat_template, messages, add_generation_prompt, self.special_tokens,
+                               self.chat_template_source)
 
     def encode_chat(self, messages: list[Message], add_generation_prompt: bool = True) -> list[int]:
         # As transformers' apply_chat_template: the template writes any BOS itself, so no special tokens are added.
@@ -120,7 +123,7 @@ def _environment():
 
 
 def render_template(template: str, messages: list[Message], add_generation_prompt: bool,
-                    special_tokens: dict[str, str]) -> str:
+                    special_tokens: dict[str, str], source: str = "the model's files") -> str:
     from jinja2.exceptions import SecurityError, TemplateError
 
     try:
@@ -128,11 +131,14 @@ def render_template(template: str, messages: list[Message], add_generation_promp
         return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=None,
                                documents=None, **special_tokens)
     except SecurityError as exc:
-        raise TokenizerError(f"the model's chat template tried an unsafe operation and was stopped: {exc}") from None
+        raise TokenizerError(f"the chat template in {source} tried an unsafe operation and was stopped: {exc}") \
+            from None
     except TemplateError as exc:
-        raise TokenizerError(f"the model's chat template failed: {exc}") from None
+        raise TokenizerError(f"the chat template in {source} failed: {exc} — --raw sends the text without it") \
+            from None
     except Exception as exc:  # a template can raise anything Python-level (TypeError on bad data, ...)
-        raise TokenizerError(f"the model's chat template failed: {type(exc).__name__}: {exc}") from None
+        raise TokenizerError(f"the chat template in {source} failed: {type(exc).__name__}: {exc} — --raw sends the "
+                             "text without it") from None
 
 
 @dataclass

@@ -132,7 +132,7 @@ def test_blocks_and_lines():
     assert list(read_blocks(iter(lines))) == ["first", "a\n\nb", "inline", "last"]
 
 
-def drive_repl(loaded, keys: str, tmp_path):
+def drive_repl(loaded, keys: str, tmp_path, history_path=None):
     from prompt_toolkit.input import create_pipe_input
     from prompt_toolkit.output import DummyOutput
     from rich.console import Console
@@ -144,7 +144,8 @@ def drive_repl(loaded, keys: str, tmp_path):
     session = ChatSession(loaded, ChatSettings(temperature=0.0, max_tokens=5))
     with create_pipe_input() as pipe:
         pipe.send_text(keys)
-        Repl(session, console, input=pipe, output=DummyOutput(), history_path=tmp_path / "history").run()
+        Repl(session, console, input=pipe, output=DummyOutput(),
+             history_path=history_path or tmp_path / "history").run()
     return session, out.getvalue()
 
 
@@ -164,6 +165,26 @@ def test_repl_commands_and_state(loaded, tmp_path):
     assert [m["content"] for m in session.messages if m["role"] == "user"] == ["Hello", "line one\nline two"]
     assert session.settings.max_tokens == 3
     assert (tmp_path / "history").exists()
+
+
+@pytest.mark.parametrize("kind", ["corrupt", "directory", "unwritable"])
+def test_a_bad_history_file_never_stops_the_chat(loaded, tmp_path, kind):
+    history = tmp_path / "history"
+    if kind == "corrupt":
+        history.write_bytes(b"\xff\xfe\x00garbage\n+\xc3(\n# 2026\n+earlier question\n")
+    elif kind == "directory":
+        history.mkdir()
+    else:
+        history.write_text("# 2026\n+earlier question\n")
+        history.chmod(0o400)
+        if os.access(history, os.W_OK):  # root writes anyway: a path under a file fails for everyone
+            history = tmp_path / "history" / "inside"
+    session, output = drive_repl(loaded, "Hello\r/bye\r", tmp_path, history_path=history)
+    assert [m["content"] for m in session.messages if m["role"] == "user"] == ["Hello"]
+    if kind == "corrupt":
+        assert b"+Hello" in history.read_bytes() and b"garbage" in history.read_bytes()  # appended, nothing lost
+    else:
+        assert output.count("history is off") == 1
 
 
 def test_piped_chat_is_scriptable_and_remembers(folder):

@@ -109,3 +109,44 @@ def test_cli_quantize_then_generate(folder, tmp_path):
                              "What is the capital of France?", "-t", "0", "-n", "20"],
                             capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
     assert answer.returncode == 0 and "Paris" in answer.stdout, answer.stderr
+
+
+def interrupt_after(args: list[str], seconds: float, wait_for: bytes | None = None, env: dict | None = None):
+    """Start the CLI, wait (for a line on stderr, then) `seconds`, press Ctrl-C; return (code, stdout, stderr)."""
+    import os
+    import signal
+    import time
+
+    process = subprocess.Popen([sys.executable, "-m", "localgpt", *args], stdin=subprocess.DEVNULL,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **(env or {})})
+    seen = b""
+    if wait_for is not None:
+        while wait_for not in seen:
+            line = process.stderr.readline()
+            assert line, f"the command ended before {wait_for!r}"
+            seen += line
+    time.sleep(seconds)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    return process.returncode, stdout, seen + stderr
+
+
+# Importing the CLI and torch, reading weights, generating. (Earlier than ~0.1 s Python itself is still starting
+# up — site-packages' .pth files — and answers Ctrl-C with its own fatal error before any of our code runs.)
+@pytest.mark.parametrize("seconds", [0.3, 0.8, 1.5, 3.0])
+def test_ctrl_c_at_any_moment_is_one_line_and_130(folder, seconds):
+    code, _, stderr = interrupt_after(["generate", "-m", str(folder), "Tell me a long story.", "-n", "400"], seconds)
+    text = stderr.decode()
+    if code == 0:  # the answer was already complete: nothing to interrupt
+        return
+    assert code == 130, text
+    assert text.strip().splitlines()[-1] == "Error: interrupted" and "Traceback" not in text
+
+
+def test_ctrl_c_during_quantize_leaves_nothing(folder, tmp_path):
+    home = tmp_path / "home"
+    code, _, stderr = interrupt_after(["quantize", str(folder), "--bits", "4"], 3.0, wait_for=b"quantizing",
+                                      env={"LOCALGPT_HOME": str(home)})
+    assert code == 130 and stderr.decode().strip().endswith("Error: interrupted"), stderr.decode()
+    models = home / "models"
+    assert not models.exists() or not any(models.iterdir())  # no folder, and no hidden scratch folder either

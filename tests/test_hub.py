@@ -134,18 +134,83 @@ def test_not_enough_disk_space_is_refused_before_downloading(fake_hub, monkeypat
     import shutil
     from collections import namedtuple
 
-    from huggingface_hub import constants
-
-    # huggingface_hub reads its environment once, at import: point this process at the stand-in too.
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "ENDPOINT", fake_hub.endpoint)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-
+    point_this_process_at(fake_hub, monkeypatch, tmp_path / "hf-cache")
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
     with pytest.raises(ModelError, match="needs .* free"):
         hub_module.download("org/tiny", notify=lambda message: None)
     assert not any(r.startswith("GET /org/tiny/resolve") for r in fake_hub.requests)
+
+
+def point_this_process_at(fake_hub, monkeypatch, cache: Path) -> None:
+    from huggingface_hub import constants
+
+    # huggingface_hub reads its environment once, at import: point this process at the stand-in too.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", fake_hub.endpoint)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                        fake_hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+
+
+def test_full_disk_during_download_keeps_the_bytes_so_far(fake_hub, monkeypatch, tmp_path, model_folder):
+    import errno
+
+    point_this_process_at(fake_hub, monkeypatch, tmp_path / "hf-cache")
+    room = 3 * CHUNK
+
+    class FullDisk:
+        """A file on a disk that fills up after `room` bytes."""
+
+        def __init__(self, path, mode):
+            self.file = open(path, mode)  # noqa: SIM115 - closed in __exit__
+
+        def write(self, chunk):
+            if self.file.tell() + len(chunk) > room:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.file.write(chunk)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+    monkeypatch.setattr(hub_module, "open", FullDisk, raising=False)
+    with pytest.raises(ModelError, match="No space left on device — free some space and run the same command again"):
+        hub_module.download("org/tiny", notify=lambda message: None)
+    partials = list((tmp_path / "hf-cache").rglob("*.localgpt-partial"))
+    assert [p.stat().st_size for p in partials] == [room]  # kept for the next run, under a name that says partial
+    assert not list((tmp_path / "hf-cache").rglob("snapshots/*/model.safetensors"))
+
+    monkeypatch.delattr(hub_module, "open")  # space freed: the same call resumes
+    snapshot = hub_module.download("org/tiny", notify=lambda message: None)
+    assert (snapshot / "model.safetensors").read_bytes() == (model_folder / "model.safetensors").read_bytes()
+    assert f"bytes={room}-" in " ".join(fake_hub.requests)  # asked only for what it did not have
+
+
+def test_unwritable_cache_is_a_clear_error(fake_hub, tmp_path):
+    (tmp_path / "file").write_text("")  # a cache path under a file: unwritable for every user, root included
+    result = run("download", "org/tiny", env={**fake_hub.env, "HF_HUB_CACHE": str(tmp_path / "file" / "hub")})
+    assert result.returncode == 1 and result.stderr.startswith("Error: cannot write "), result.stderr
+    assert "set HF_HOME to a folder you can write" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_unreachable_hub_is_a_clear_error(fake_hub):
+    result = run("download", "org/tiny", env={**fake_hub.env, "HF_ENDPOINT": "http://127.0.0.1:9"})
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith("Error: cannot reach the Hugging Face hub (") and "HF_ENDPOINT" in result.stderr
+
+
+def test_file_names_from_the_hub_cannot_leave_the_cache(fake_hub, model_folder, tmp_path):
+    fake_hub.add_repo("org/sly", model_folder, files={"../../../escape.json": b"{}", "/etc/evil.json": b"{}",
+                                                      "sub/../../up.json": b"{}"})
+    result = run("download", "org/sly", env=fake_hub.env)
+    assert result.returncode == 0, result.stderr
+    snapshot = Path(result.stdout.strip())
+    assert sorted(p.name for p in snapshot.iterdir()) == sorted(p.name for p in model_folder.iterdir())
+    assert not list(tmp_path.rglob("escape.json")) and not list(tmp_path.rglob("up.json"))
+    assert not any("escape" in r or "evil" in r or "up.json" in r for r in fake_hub.requests if r.startswith("GET"))
 
 
 def test_list_show_rm(fake_hub):

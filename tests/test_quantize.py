@@ -245,3 +245,10 @@ def test_quantized_without_tokenizer_source_keeps_files(tmp_path):
     write_quantized(model, tmp_path / "float", tmp_path / "q")
     names = sorted(p.name for p in (tmp_path / "q").iterdir())
     assert "pytorch_model.bin" not in names and "tokenizer.json" in names and "model.safetensors" in names
+
+
+def test_unwritable_home_is_said_before_quantizing(tmp_path, float_model):
+    (tmp_path / "file").write_text("")  # LOCALGPT_HOME under a file: unwritable for every user, root included
+    result = run_cli("quantize", str(float_model), "--bits", "8", env={"LOCALGPT_HOME": str(tmp_path / "file" / "h")})
+    assert result.returncode == 1 and result.stderr.startswith("Error: cannot write "), result.stderr
+    assert "set LOCALGPT_HOME to a folder you can write" in result.stderr and "quantizing" not in result.stderr
