@@ -20,6 +20,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",  # docstring paragraphs rewrap; [quant] in a pip extra is text, not a style tag
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -32,7 +33,8 @@ MODEL_OPTION = typer.Option(
     envvar="LOCALGPT_MODEL",
 )
 COMPILE_OPTION = typer.Option(
-    False, "--compile", help="torch.compile the decode step: ~10-15% faster decoding after a wait of up to a minute.",
+    False, "--compile",
+    help="torch.compile the decode step: in float32 ~10-25% faster decoding, after up to a minute of compiling.",
 )
 QUANTIZE_OPTION = typer.Option(
     None, "--quantize", "-q", help="Quantize while loading: 8 | 4 (nf4) | nf4 | fp4 (needs localgpt[quant]).",
@@ -132,7 +134,7 @@ def generate(
     top_k: int | None = typer.Option(None, "--top-k", help="Keep the k most likely tokens (0 = off)."),
     top_p: float | None = typer.Option(None, "--top-p", help="Nucleus sampling mass. Default: model's, else 0.9."),
     min_p: float | None = typer.Option(None, "--min-p", help="Drop tokens below min_p x the top probability."),
-    repetition_penalty: float | None = typer.Option(None, "--repetition-penalty", help="> 1 discourages repeats."),
+    repetition_penalty: float | None = typer.Option(None, "--repetition-penalty", help="Above 1 discourages repeats."),
     seed: int | None = typer.Option(None, "--seed", help="Random seed, for repeatable sampling."),
     stop: list[str] = typer.Option([], "--stop", help="Stop when this text appears (repeatable)."),
     system: str | None = typer.Option(None, "--system", "-s", help="System prompt (chat models)."),
@@ -386,8 +388,9 @@ def quantize(
     """Write an 8-bit or 4-bit copy of a model through bitsandbytes (needs localgpt[quant]).
 
     On CPU quantization is for memory, not speed: bitsandbytes' CPU kernels dequantize inside every product, so
-    8-bit and 4-bit models decode slower than bfloat16 there (docs/quantization.md). On CUDA they save memory at a
-    small cost in speed. The folder loads in localgpt and in transformers.
+    8-bit decodes at about half the speed of float32, 4-bit about as fast as bfloat16, and both read prompts
+    several times slower (docs/quantization.md). On CUDA they save memory at a small cost in speed. The folder
+    loads in localgpt and in transformers.
     """
     from pathlib import Path
 

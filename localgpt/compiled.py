@@ -1,9 +1,10 @@
 """torch.compile of the one-token decode step, opt-in (`--compile`).
 
-Measured on SmolLM2-135M here (docs/benchmarks.md): +10-15% decode tok/s in float32 and bfloat16 for 20-30 s of
-compilation with a warm inductor cache and 50-110 s cold, so it is never on by default and the user is told
-before the wait. Prefill stays eager (its products are large and dispatch is a small share of them). On CUDA
-the step is compiled with mode="reduce-overhead" (CUDA graphs). If compilation fails (no C++ compiler, an
+Measured on SmolLM2-135M here (docs/benchmarks.md): +10-25% decode tok/s in float32 and nothing measurable in
+bfloat16 (whose products are already one oneDNN call each), for 25-40 s of compilation with a warm inductor cache
+and 50-110 s cold, so it is never on by default and the user is told before the wait. Prefill stays eager (its
+products are large and dispatch is a small share of them). On CUDA the step is compiled with
+mode="reduce-overhead" (CUDA graphs). If compilation fails (no C++ compiler, an
 unsupported platform), the model keeps running eagerly after one notice.
 """
 
