@@ -40,7 +40,6 @@ class BenchResult:
     compile_s: float = 0.0
     compute_dtype: str = ""  # what the products run in
 
-
     @property
     def gb_per_s(self) -> float:
         return self.weight_bytes * self.decode_tps / 1e9
@@ -120,15 +119,17 @@ def run_transformers(model: str, dtype: str, quantize: str | None, prompt_tokens
     from localgpt.hub import resolve
 
     folder = resolve(model)
-    quantize = "nf4" if quantize == "4" else quantize
     torch_dtype = torch.float32 if dtype == "auto" else getattr(torch, dtype)
+    spec = None
     kwargs = {}
     if quantize:
         from transformers import BitsAndBytesConfig
 
-        bits4 = quantize != "8"
+        from localgpt.quantize import parse_spec
+
+        spec = parse_spec(quantize)  # bits and code only: transformers keeps its own skip list and threshold
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_8bit=not bits4, load_in_4bit=bits4, bnb_4bit_quant_type=quantize,
+            load_in_8bit=spec.bits == 8, load_in_4bit=spec.bits == 4, bnb_4bit_quant_type=spec.quant_type,
             bnb_4bit_compute_dtype=torch_dtype)
     start = time.perf_counter()
     hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, **kwargs).eval()
@@ -149,7 +150,7 @@ def run_transformers(model: str, dtype: str, quantize: str | None, prompt_tokens
     best = best_of(runs)
     weights = sum(p.numel() * p.element_size() for p in hf_model.parameters())
     compute = str(torch_dtype).removeprefix("torch.")
-    label = format_name(compute, quantize and ("8-bit" if quantize == "8" else "4-bit " + quantize))
+    label = format_name(compute, spec and spec.label)
     return BenchResult("transformers", label, best["ttft_s"], prompt_tokens / best["ttft_s"], best["decode_tps"],
                        weights, 0.0, load_s, torch.get_num_threads(), 0.0, compute)
 

@@ -275,7 +275,7 @@ class Transformer(nn.Module):
             return
         linears = [m for m in self.modules() if isinstance(m, Linear)]  # quantized layers are not ours
         if can_pack(self.dtype):
-            tied_head = self.config.tie_word_embeddings and self.lm_head.weight is self.embed_tokens.weight
+            tied_head = self.lm_head.weight is self.embed_tokens.weight  # also when tied without config saying so
             for module in linears:
                 if not (module is self.lm_head and tied_head):  # a packed copy of a tied head costs its size again
                     module.pack()

@@ -48,9 +48,8 @@ class Tokenizer:
             key: text for key in ("bos_token", "eos_token", "unk_token", "pad_token")
             if (text := _token_text(settings.get(key))) is not None
         }
-        self.chat_template = self._find_chat_template(model_dir, settings.get("chat_template"))
-        jinja_file = model_dir / "chat_template.jinja"
-        self.chat_template_source = str(jinja_file if jinja_file.exists() else model_dir / "tokenizer_config.json")
+        self.chat_template, self.chat_template_source = self._find_chat_template(model_dir,
+                                                                                 settings.get("chat_template"))
         eos_ids = set(config_eos_ids)
         eos_text = self.special_tokens.get("eos_token")
         if eos_text is not None and (eos_id := self._tokenizer.token_to_id(eos_text)) is not None:
@@ -58,21 +57,23 @@ class Tokenizer:
         self.eos_token_ids = frozenset(eos_ids)
 
     @staticmethod
-    def _find_chat_template(model_dir: Path, from_config: Any) -> str | None:
+    def _find_chat_template(model_dir: Path, from_config: Any) -> tuple[str | None, str]:
+        """(the chat template or None, the file it comes from, for error messages)."""
         # transformers 5.x writes chat_template.jinja; 4.x keeps it in tokenizer_config.json (a string, or a
         # list of named templates of which "default" is the chat one).
         jinja_file = model_dir / "chat_template.jinja"
         if jinja_file.exists():
             try:
-                return jinja_file.read_text(encoding="utf-8")
+                return jinja_file.read_text(encoding="utf-8"), str(jinja_file)
             except (OSError, UnicodeDecodeError) as exc:
                 raise TokenizerError(f"cannot read {jinja_file}: {exc}") from None
+        source = str(model_dir / "tokenizer_config.json")
         if isinstance(from_config, str):
-            return from_config
+            return from_config, source
         if isinstance(from_config, list):
             named = {t.get("name"): t.get("template") for t in from_config if isinstance(t, dict)}
-            return named.get("default")
-        return None
+            return named.get("default"), source
+        return None, source
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
