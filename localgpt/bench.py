@@ -269,8 +269,11 @@ def machine_description() -> str:
                 break
     except OSError:
         pass
+    from localgpt import native
+
+    kernels = "on" if native.library() is not None else "off (torch's ops)"
     return (f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads; torch {torch.__version__}, "
-            f"Python {platform.python_version()}")
+            f"Python {platform.python_version()}; localgpt native kernels {kernels}")
 
 
 def format_table(results: list[BenchResult], bandwidth: float) -> str:

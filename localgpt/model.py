@@ -11,9 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from localgpt import native
 from localgpt.cache import KVCache
 from localgpt.config import ModelConfig
 from localgpt.rope import cos_sin, inverse_frequencies
+
+DECODE_ROWS = 16  # up to this many rows (tokens x beams) take the decoding paths (Linear, RMSNorm, MLP)
 
 
 class RMSNorm(nn.Module):
@@ -24,12 +27,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
         self.weight_offset = weight_offset
+        self.native = False  # kernels.c for decoding-sized inputs (Transformer.use_fast_layout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native and x.numel() <= DECODE_ROWS * x.shape[-1] and not torch.compiler.is_compiling():
+            return native.rms_norm(x, self.weight, self.eps, self.weight_offset)
         if not self.weight_offset and x.dtype == torch.float32:
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one kernel, same float32 math
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        h = F.rms_norm(x.float(), self.weight.shape, None, self.eps)  # x * rsqrt(mean(x²) + eps), in float32
         if self.weight_offset:
             return (h * (self.weight_offset + self.weight.float())).to(x.dtype)
         return self.weight * h.to(x.dtype)
@@ -77,18 +82,31 @@ def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
+@torch.library.custom_op("localgpt::native_linear", mutates_args=())
+def native_linear_op(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """native.linear for torch.compile, which cannot trace a ctypes call."""
+    return native.linear(x, weight)
+
+
+@native_linear_op.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
 def can_pack(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and torch.backends.mkldnn.is_available() and \
         torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 class Linear(nn.Module):
-    """y = x Wᵀ + b with W as (out, in), like nn.Linear. With `parts` > 0 the product runs as one bmm over
-    `parts` row blocks of W (a view, no copy): W blocks @ xᵀ.
+    """y = x Wᵀ + b with W as (out, in), like nn.Linear, with faster products for the few rows of decoding (one
+    token, or one per beam) on CPU, chosen once by Transformer.use_fast_layout:
 
-    Why: for the few rows of decoding (1 token, or one per beam) MKL's float32 product of x and an (out, in)
-    weight runs on one core at ~10 GB/s here; the blocked bmm runs one block per core at ~25-30 GB/s for one row
-    and ~15-25 GB/s for four (measured, docs/benchmarks.md). Prefill-sized inputs keep F.linear.
+    - `native`: the AVX-512 loops of kernels.c (native.py), ~26-28 GB/s in float32 and bfloat16 alike;
+    - `parts` > 0: one bmm over `parts` row blocks of W (a view, no copy), one block per core. MKL's float32
+      product of one row and an (out, in) weight runs on one core at ~10 GB/s here, the blocked bmm at ~25-30;
+    - `packed`: bfloat16 held in oneDNN's packed layout, ~2x F.linear for 1-4 rows (where kernels.c cannot run).
+    Prefill-sized inputs keep F.linear (measured, docs/benchmarks.md).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool):
@@ -97,17 +115,20 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.parts = 0
         self.packed = False
+        self.native = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed:  # a Python flag: under torch.compile the weight is a fake tensor that hides its layout
             product = packed_linear_op if torch.compiler.is_compiling() else packed_linear
             return product(x, self.weight, self.bias)
-        *lead, in_features = x.shape
-        rows = x.reshape(-1, in_features)  # (M, in)
-        if not self.parts or rows.shape[0] > 16:
+        if x.numel() > DECODE_ROWS * x.shape[-1] or not (self.native or self.parts):
             return F.linear(x, self.weight, self.bias)
-        product = blocked_product_op if torch.compiler.is_compiling() else blocked_product
-        y = product(rows, self.weight, self.parts).reshape(*lead, -1)  # (..., out)
+        if self.native:
+            y = (native_linear_op if torch.compiler.is_compiling() else native.linear)(x, self.weight)  # (..., out)
+        else:
+            *lead, in_features = x.shape
+            product = blocked_product_op if torch.compiler.is_compiling() else blocked_product
+            y = product(x.reshape(-1, in_features), self.weight, self.parts).reshape(*lead, -1)  # (..., out)
         return y if self.bias is None else y + self.bias
 
     def use_blocks(self, parts: int) -> None:
@@ -152,12 +173,17 @@ class Attention(nn.Module):
         self.scale = config.scale
         self.softcap = config.attn_softcap
         self.window = config.sliding_window if config.is_sliding(layer_index) else None
+        self.native = False  # one-token steps through kernels.c (Transformer.use_fast_layout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: KVCache,
                 start: int) -> torch.Tensor:
         B, T, _ = x.shape
         h, g, hd = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(x)  # (B, T, (h + 2g) * hd)
+        if T == 1 and self.native and not self.qk_norm and not torch.compiler.is_compiling():
+            out = native.decode_attention(qkv, rope, cache, self.layer_index, start, h, self.scale, self.softcap,
+                                          self.window)  # (B, h, 1, hd)
+            return self.o_proj(out.view(B, 1, h * hd))
         q_size, kv_size, _ = self.split_sizes
         v = qkv[..., q_size + kv_size :].view(B, T, g, hd)
         if self.qk_norm:  # Qwen3: per-head RMSNorm before the rotation, separate weights for q and k
@@ -183,6 +209,8 @@ class Attention(nn.Module):
         if self.window is not None and T == 1:
             first_key = max(0, S - self.window)  # decoding: the window is a slice, no mask needed
             keys, values = keys[:, :, first_key:], values[:, :, first_key:]
+        if T == 1 and self.native and not torch.compiler.is_compiling():  # (inductor fuses its own)
+            return native.attention(q, keys, values, self.scale, self.softcap)  # (B, h, 1, hd)
         mask = None
         if T > 1:
             query_pos = torch.arange(start, start + T, device=q.device)[:, None]
@@ -216,8 +244,11 @@ class MLP(nn.Module):
         else:
             self.up_proj = Linear(hidden, inner, bias=config.mlp_bias)
         self.down_proj = Linear(inner, hidden, bias=config.mlp_bias)
+        self.native = False  # SiLU-gated: act(gate) * up through kernels.c (Transformer.use_fast_layout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native and x.numel() <= DECODE_ROWS * x.shape[-1] and not torch.compiler.is_compiling():
+            return self.down_proj(native.silu_mul(self.gate_up_proj(x)))
         if self.gated:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
             return self.down_proj(self.act(gate) * up)
@@ -266,22 +297,27 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight  # one parameter, not a copy
 
     def use_fast_layout(self, head_only: bool = False) -> None:
-        """On CPU, lay out the weights of our Linear layers for fast decoding products (see Linear): float32 as
-        per-core blocked bmm, bfloat16 packed for oneDNN. CUDA keeps F.linear. head_only, for quantized models:
-        bitsandbytes' CPU kernels round their inputs coarsely, which magnifies the blocked product's last-bit
-        differences from transformers into visible ones; the head feeds nothing, so it keeps its blocks. (Packing
-        changes no bit, so it applies to every layer left unquantized.)"""
+        """On CPU, choose each of our Linear layers' decoding product (see Linear): native kernels where they run
+        here, else bfloat16 packed for oneDNN and float32 as per-core blocked bmm. CUDA keeps F.linear.
+        head_only, for quantized models: bitsandbytes' CPU kernels round their inputs coarsely, which magnifies
+        last-bit differences from transformers into visible ones, so only the head (which feeds nothing) gets a
+        product that sums in another order. Packing changes no bit: it applies to every layer left unquantized."""
         if self.device.type != "cpu":
             return
-        linears = [m for m in self.modules() if isinstance(m, Linear)]  # quantized layers are not ours
-        if can_pack(self.dtype):
-            tied_head = self.lm_head.weight is self.embed_tokens.weight  # also when tied without config saying so
-            for module in linears:
-                if not (module is self.lm_head and tied_head):  # a packed copy of a tied head costs its size again
-                    module.pack()
-        elif self.dtype == torch.float32:
-            for module in [self.lm_head] if head_only else linears:
+        tied_head = self.lm_head.weight is self.embed_tokens.weight  # also when tied without config saying so
+        for module in [m for m in self.modules() if isinstance(m, Linear)]:  # quantized layers are not ours
+            may_reorder = not head_only or module is self.lm_head
+            if may_reorder and native.supports(module.weight):
+                module.native = True
+            elif can_pack(module.weight.dtype) and not (module is self.lm_head and tied_head):
+                module.pack()  # (a packed copy of a tied head would cost its size again)
+            elif may_reorder and module.weight.dtype == torch.float32:
                 module.use_blocks(torch.get_num_threads())
+        if not head_only and native.supports_dtype(self.dtype, self.device):
+            for module in self.modules():
+                if isinstance(module, (Attention, RMSNorm)) or \
+                        isinstance(module, MLP) and module.gated and module.act is F.silu:
+                    module.native = True
 
     def weight_bytes(self) -> int:
         """Bytes of the weights as stored (a tied head counted once, 4-bit packed bytes as they are): what one

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from helpers import VARIANTS, tiny_model
+from localgpt import native
 from localgpt.config import load_config
 from localgpt.generate import generate_tokens
 from localgpt.model import Linear, can_pack
@@ -144,7 +145,9 @@ def test_bfloat16_stays_close(tmp_path):
 @pytest.mark.skipif(not can_pack(torch.bfloat16), reason="oneDNN bfloat16 is not available on this CPU")
 @pytest.mark.parametrize("variant", ["llama", "qwen2"])  # untied head; tied head (kept plain) with q/k/v biases
 @torch.no_grad()
-def test_bfloat16_packed_layout_changes_no_bit(tmp_path, variant):
+def test_bfloat16_packed_layout_changes_no_bit(tmp_path, variant, monkeypatch):
+    monkeypatch.setattr(native, "supports", lambda weight: False)  # a CPU without native kernels packs instead
+    monkeypatch.setattr(native, "supports_dtype", lambda dtype, device: False)
     tiny_model(tmp_path, variant)
     config = load_config(tmp_path)
     plain = load_weights(tmp_path, config, torch.bfloat16, torch.device("cpu"), fast_layout=False)

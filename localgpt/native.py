@@ -1,0 +1,213 @@
+"""Native decoding products (kernels.c), built once per machine with the system C compiler and called via ctypes.
+
+Used for the few rows of decoding on CPUs with AVX-512 (float32; bfloat16 also needs AVX512-BF16). Anything else,
+or LOCALGPT_NATIVE=0, or no working C compiler, leaves torch's own products in place: the kernels only make
+decoding faster, never different in kind. The library is cached in LOCALGPT_HOME/native under a name that hashes
+the source, the compiler and the CPU's flags, and written atomically, so a change of any of them rebuilds it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("kernels.c")
+REQUIRED_FLAGS = {"avx512f", "avx512bw"}  # float32 kernels and the masked 16-bit loads of the bfloat16 tail
+# -ffp-contract=off: a * b + c in plain C stays two roundings, as in torch (the rotary step is bit-exact to it)
+COMPILE_FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC"]
+
+
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def find_compiler() -> str | None:
+    import shutil
+
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def notify_stderr(message: str) -> None:
+    print(f"localgpt: {message}", file=sys.stderr)
+
+
+def build(compiler: str, flags: set[str], target_dir: Path) -> Path:
+    """Compile kernels.c into target_dir (once: the name says what it was built from) and return its path.
+    Quietly: it takes under a second, once per machine, compiler or localgpt version."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, " ".join(sorted(flags)),
+                                    " ".join(COMPILE_FLAGS)]).encode()).hexdigest()[:16]
+    target = target_dir / f"kernels-{key}.so"
+    if target.exists():
+        return target
+    target_dir.mkdir(parents=True, exist_ok=True)
+    scratch = tempfile.NamedTemporaryFile(dir=target_dir, prefix=".kernels-", suffix=".so", delete=False)
+    scratch.close()
+    try:
+        subprocess.run([compiler, *COMPILE_FLAGS, str(SOURCE), "-o", scratch.name], check=True, capture_output=True,
+                       text=True, timeout=300)
+        os.replace(scratch.name, target)  # atomic: another process sees no library or a whole one
+    finally:
+        Path(scratch.name).unlink(missing_ok=True)
+    return target
+
+
+def load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))  # after torch: its libgomp.so.1 is already loaded and ours resolves to it
+    products = (lib.lg_linear_f32, lib.lg_linear_bf16) if lib.lg_has_bf16() else (lib.lg_linear_f32,)
+    for function in products:
+        function.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
+        function.restype = None
+    for function in lib.lg_attention_f32, lib.lg_attention_bf16:
+        function.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 9 + [ctypes.c_float] * 2
+        function.restype = ctypes.c_int
+    for function in lib.lg_rope_write_f32, lib.lg_rope_write_bf16:
+        function.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 7 + [ctypes.c_int]
+        function.restype = None
+    for function in lib.lg_silu_mul_f32, lib.lg_silu_mul_bf16:
+        function.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
+        function.restype = None
+    for function in lib.lg_rms_norm_f32, lib.lg_rms_norm_bf16:
+        function.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float] * 2
+        function.restype = None
+    return lib
+
+
+@functools.cache
+def library(notify: Callable[[str], None] = notify_stderr) -> ctypes.CDLL | None:
+    """The loaded kernels, or None where they cannot run here (then torch's ops are used)."""
+    if os.environ.get("LOCALGPT_NATIVE", "1") == "0":
+        return None
+    flags = cpu_flags()
+    if sys.platform != "linux" or platform.machine() != "x86_64" or not REQUIRED_FLAGS <= flags:
+        return None
+    compiler = find_compiler()
+    if compiler is None:
+        return None
+    from localgpt.hub import home
+
+    try:
+        try:
+            path = build(compiler, flags, home() / "native")
+        except OSError:  # LOCALGPT_HOME unwritable: build in a scratch folder; the loaded library outlives it
+            with tempfile.TemporaryDirectory(prefix="localgpt-native-") as scratch:
+                return load(build(compiler, flags, Path(scratch)))
+        return load(path)
+    except (OSError, subprocess.SubprocessError, AttributeError) as error:
+        output = (getattr(error, "stderr", None) or "").strip()
+        reason = output.splitlines()[-1] if output else str(error)
+        notify(f"native kernels unavailable ({compiler}: {reason}); using torch's ops")
+        return None
+
+
+def supports(weight: torch.Tensor) -> bool:
+    """True when decoding products with this weight (N, K) can run natively here."""
+    if weight.device.type != "cpu" or weight.dim() != 2 or not weight.is_contiguous():
+        return False
+    if weight.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    lib = library()
+    return lib is not None and (weight.dtype == torch.float32 or bool(lib.lg_has_bf16()))
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (..., K) x weight (N, K)ᵀ → (..., N) in the weight's dtype; `supports(weight)` must hold."""
+    x = x.contiguous()
+    out = torch.empty(*x.shape[:-1], weight.shape[0], dtype=weight.dtype)
+    kernel = library().lg_linear_f32 if weight.dtype == torch.float32 else library().lg_linear_bf16
+    kernel(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], weight.shape[0])
+    return out
+
+
+def supports_dtype(dtype: torch.dtype, device: torch.device) -> bool:
+    """True when attention and norms of this dtype can run natively here (any AVX-512 CPU: no bfloat16 math)."""
+    return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and library() is not None
+
+
+def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float,
+              softcap: float | None) -> torch.Tensor:
+    """One query position per row: q (B, h, 1, hd), keys/values (B, g, S, hd) → (B, h, 1, hd), with q's heads
+    grouped over the kv heads as in grouped-query attention. Views are read in place where their rows are
+    contiguous (the cache's are)."""
+    B, h, _, hd = q.shape
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if keys.stride(-1) != 1 or keys.stride(-2) != hd or values.stride() != keys.stride():
+        keys, values = keys.contiguous(), values.contiguous()
+    return _attend(q, keys.data_ptr(), values.data_ptr(), keys.shape[1], keys.shape[2], keys.stride(0),
+                   keys.stride(1), scale, softcap)
+
+
+def _attend(q: torch.Tensor, keys: int, values: int, g: int, S: int, kv_batch_stride: int, kv_head_stride: int,
+            scale: float, softcap: float | None) -> torch.Tensor:
+    B, h, _, hd = q.shape
+    out = torch.empty(B, h, 1, hd, dtype=q.dtype)
+    kernel = library().lg_attention_f32 if q.dtype == torch.float32 else library().lg_attention_bf16
+    status = kernel(q.data_ptr(), keys, values, out.data_ptr(), B, h, g, S, hd, q.stride(0), q.stride(1),
+                    kv_batch_stride, kv_head_stride, scale, softcap or 0.0)
+    if status != 0:
+        raise MemoryError(f"native attention could not run (head_dim {hd}, {S} positions)")
+    return out
+
+
+def decode_attention(qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache, layer: int,
+                     start: int, num_heads: int, scale: float, softcap: float | None,
+                     window: int | None) -> torch.Tensor:
+    """A whole one-token attention step from the fused projection qkv (B, 1, (h + 2g) hd): rotate q and k (when
+    rope is given), write k and v into the cache at `start`, attend over the cache → (B, h, 1, hd)."""
+    B = qkv.shape[0]
+    keys, values = cache.keys, cache.values  # (layers, B, g, max_len, hd)
+    g, max_len, hd = keys.shape[2], keys.shape[3], keys.shape[4]
+    end = start + 1
+    if end > max_len:
+        raise IndexError(f"KV cache holds {max_len} positions, asked to write up to {end}")
+    qkv = qkv.contiguous()
+    q = torch.empty(B, num_heads, 1, hd, dtype=qkv.dtype)
+    item = keys.element_size()
+    layer_keys = keys.data_ptr() + layer * keys.stride(0) * item
+    layer_values = values.data_ptr() + layer * values.stride(0) * item
+    cos, sin = (rope[0].contiguous(), rope[1].contiguous()) if rope is not None else (q, q)  # (1, 1, hd)
+    rotate_and_write = library().lg_rope_write_f32 if qkv.dtype == torch.float32 else library().lg_rope_write_bf16
+    rotate_and_write(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), q.data_ptr(), layer_keys, layer_values, B,
+                     num_heads, g, hd, keys.stride(1), keys.stride(2), start, rope is not None)
+    first = max(0, end - window) if window else 0  # a sliding window reads its last `window` positions
+    skip = first * hd * item
+    return _attend(q, layer_keys + skip, layer_values + skip, g, end - first, keys.stride(1), keys.stride(2),
+                   scale, softcap)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float) -> torch.Tensor:
+    """RMSNorm over the last dim of x as transformers computes it (see kernels.c); weight in x's dtype."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    rows, dim = x.numel() // x.shape[-1], x.shape[-1]
+    kernel = library().lg_rms_norm_f32 if x.dtype == torch.float32 else library().lg_rms_norm_bf16
+    kernel(x.data_ptr(), weight.data_ptr(), out.data_ptr(), rows, dim, eps, weight_offset)
+    return out
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up from the fused (..., 2 inner) projection → (..., inner), rounded as torch rounds."""
+    gate_up = gate_up.contiguous()
+    inner = gate_up.shape[-1] // 2
+    out = torch.empty(*gate_up.shape[:-1], inner, dtype=gate_up.dtype)
+    kernel = library().lg_silu_mul_f32 if gate_up.dtype == torch.float32 else library().lg_silu_mul_bf16
+    kernel(gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // gate_up.shape[-1], inner)
+    return out

@@ -1,0 +1,228 @@
+"""The native decoding kernels (localgpt/kernels.c via localgpt/native.py): each against torch's own op on shapes
+with tails, strided views and grouped heads; whole models with them against the same models without them; the
+build (once, atomic, cached by what it was built from) and every way of falling back to torch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import tiny_model
+from localgpt import native
+from localgpt.config import load_config
+from localgpt.model import MLP, Attention, RMSNorm
+from localgpt.weights import load_weights
+
+CAN_RUN = native.REQUIRED_FLAGS <= native.cpu_flags() and native.find_compiler() is not None \
+    and os.environ.get("LOCALGPT_NATIVE", "1") != "0"
+needs_native = pytest.mark.skipif(not CAN_RUN, reason="no AVX-512 or no C compiler: torch's products are used")
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def bf16_kernels() -> bool:
+    return native.library() is not None and bool(native.library().lg_has_bf16())
+
+
+def test_kernels_build_wherever_they_can_run():
+    """On a machine with AVX-512 and a compiler (CI's), a broken kernels.c must fail here, not fall back quietly."""
+    assert (native.library() is not None) == CAN_RUN
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,inner,outer", [(1, 576, 960), (4, 1536, 576), (3, 37, 5), (2, 100, 33),
+                                               (5, 64, 7), (16, 72, 130), (1, 16, 1)])
+def test_linear_matches_torch(dtype, rows, inner, outer):
+    if dtype == torch.bfloat16 and not bf16_kernels():
+        pytest.skip("no AVX512-BF16: bfloat16 products stay packed for oneDNN")
+    generator = torch.Generator().manual_seed(rows * inner + outer)
+    x = torch.randn(rows, inner, generator=generator).to(dtype)
+    weight = torch.randn(outer, inner, generator=generator).to(dtype)
+    assert native.supports(weight)
+    actual, expected = native.linear(x, weight), F.linear(x, weight)
+    assert actual.dtype == dtype and actual.shape == (rows, outer)
+    if dtype == torch.float32:  # as close to the exact sums as MKL's own (another order of the same additions)
+        exact = x.double() @ weight.double().t()
+        assert (actual - exact).abs().max() <= 4 * (expected - exact).abs().max() + 1e-6
+    else:  # float32 sums of exact products: at most the last bfloat16 bit differs, and rarely
+        torch.testing.assert_close(actual.float(), expected.float(), rtol=1e-2, atol=1e-2)
+        assert (actual == expected).float().mean() > 0.9
+
+
+@needs_native
+def test_linear_refuses_what_it_cannot_read():
+    weight = torch.randn(8, 16)
+    assert not native.supports(weight.t())  # not contiguous
+    assert not native.supports(weight.half())
+    assert not native.supports(weight[None])
+
+
+def sdpa_reference(q, keys, values, scale, softcap):
+    """transformers' definition, in float64: (B, h, 1, hd) against (B, g, S, hd)."""
+    B, h, _, hd = q.shape
+    g = keys.shape[1]
+    q = q.double().reshape(B, g, h // g, hd)
+    scores = q @ keys.double().transpose(-1, -2) * scale
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    return (torch.softmax(scores, dim=-1) @ values.double()).reshape(B, h, 1, hd)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,h,g,S,hd,softcap", [(1, 9, 3, 200, 64, None), (4, 4, 2, 7, 24, None),
+                                                 (2, 8, 8, 33, 256, 50.0), (1, 2, 1, 1, 16, None),
+                                                 (3, 6, 2, 1000, 80, None), (1, 4, 4, 70, 18, 30.0)])
+def test_attention_matches_reference(dtype, B, h, g, S, hd, softcap):
+    generator = torch.Generator().manual_seed(S + hd)
+    qk = torch.randn(B, 1, h + g, hd, generator=generator).to(dtype)
+    q = qk[:, :, :h].transpose(1, 2)  # a strided view, as the model passes it
+    cache = torch.randn(2, B, g, S + 10, hd, generator=generator).to(dtype)
+    keys, values = cache[0, :, :, 3 : S + 3], cache[1, :, :, 3 : S + 3]  # views into a longer cache
+    scale = hd**-0.5
+    actual = native.attention(q, keys, values, scale, softcap)
+    expected = sdpa_reference(q, keys, values, scale, softcap)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(actual.double(), expected, rtol=tolerance, atol=tolerance)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1, 3072), (4, 1, 70), (2, 3, 32)])
+def test_silu_mul_matches_torch(dtype, shape):
+    gate_up = (torch.randn(shape, generator=torch.Generator().manual_seed(2)) * 4).to(dtype)
+    gate_up[..., 0] = -100.0  # e^100 overflows: silu is -0
+    gate, up = gate_up.chunk(2, dim=-1)
+    expected = F.silu(gate) * up  # torch's two ops, each rounded to the dtype
+    actual = native.silu_mul(gate_up)
+    if dtype == torch.bfloat16:  # a different exp can move a float32 result across a rounding boundary, rarely
+        torch.testing.assert_close(actual.float(), expected.float(), rtol=1e-2, atol=1e-2)
+        assert (actual == expected).float().mean() > 0.97
+    else:
+        torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-6)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("offset", [0.0, 1.0])  # Llama's w, Gemma's (1 + w)
+@pytest.mark.parametrize("shape", [(1, 1, 576), (3, 5, 37), (2, 2304)])
+def test_rms_norm_matches_torch(dtype, offset, shape):
+    norm = RMSNorm(shape[-1], 1e-6, offset)
+    torch.nn.init.normal_(norm.weight, 1.0, 0.5)
+    norm = norm.to(dtype)
+    x = (torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 3).to(dtype)
+    expected = norm(x)  # the torch path
+    actual = native.rms_norm(x, norm.weight, norm.eps, offset)
+    if dtype == torch.bfloat16:
+        assert torch.equal(actual, expected)  # rounded where transformers rounds: every bit the same
+    else:
+        torch.testing.assert_close(actual, expected, rtol=2e-6, atol=2e-6)
+
+
+NATIVE_MODULES = (RMSNorm, Attention, MLP)
+
+
+def use_native(model, enabled: bool) -> None:
+    """Switch the modules that use_fast_layout gave kernels (gated SiLU MLPs only, among MLPs) on or off."""
+    if not hasattr(model, "chosen_for_native"):
+        model.chosen_for_native = [m for m in model.modules() if isinstance(m, NATIVE_MODULES) and m.native]
+    for module in model.chosen_for_native:
+        module.native = enabled
+
+
+@needs_native
+@pytest.mark.parametrize("variant", ["llama", "gpt2", "gemma2", "qwen3", "qwen2"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@torch.no_grad()
+def test_decoding_steps_match_torch_paths(tmp_path, variant, dtype):
+    """Prefill, then one-token steps for 3 rows at once (as beams): logits and every cache entry the steps wrote
+    agree with the same model on torch's ops (rotary step, sliding windows, soft-capping, learned positions,
+    per-head norms, biases)."""
+    tiny_model(tmp_path, variant)
+    model = load_weights(tmp_path, load_config(tmp_path), dtype, torch.device("cpu"))
+    assert all(m.native for m in model.modules() if isinstance(m, (RMSNorm, Attention)))
+    ids = torch.randint(3, 500, (3, 20), generator=torch.Generator().manual_seed(0))
+    runs = []
+    for enabled in (True, False):
+        use_native(model, enabled)
+        cache = model.new_cache(3, 32)
+        logits = [model(ids[:, :12], cache, 0, last_only=False)]
+        logits += [model(ids[:, i : i + 1], cache) for i in range(12, 20)]
+        runs.append((torch.cat(logits, dim=1).float(), cache.keys[:, :, :, :20], cache.values[:, :, :, :20]))
+    (logits, keys, values), (expected_logits, expected_keys, expected_values) = runs
+    if dtype == torch.float32:
+        torch.testing.assert_close(logits, expected_logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(keys, expected_keys, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(values, expected_values, rtol=1e-5, atol=1e-5)
+    else:  # bfloat16's own rounding noise, as between transformers and us (test_parity's bound)
+        assert (logits - expected_logits).abs().max() < 0.05 * expected_logits.abs().max()
+
+
+@needs_native
+@torch.no_grad()
+def test_rotary_step_writes_the_same_bits_as_torch(tmp_path):
+    """bfloat16 rounds after each product and after the sum, as torch does: the first decoding step's keys are
+    bit-equal (later steps differ through the attention's own rounding, not the rotation)."""
+    tiny_model(tmp_path, "llama")
+    model = load_weights(tmp_path, load_config(tmp_path), torch.bfloat16, torch.device("cpu"))
+    ids = torch.randint(3, 500, (2, 13), generator=torch.Generator().manual_seed(3))
+    caches = []
+    for enabled in (True, False):
+        use_native(model, enabled)
+        for module in model.modules():
+            if isinstance(module, RMSNorm):
+                module.native = False  # the same inputs to the projection on both sides
+        cache = model.new_cache(2, 16)
+        model(ids[:, :12], cache, 0)
+        model(ids[:, 12:], cache)
+        caches.append(cache)
+    assert torch.equal(caches[0].keys[0, :, :, 12], caches[1].keys[0, :, :, 12])  # the first layer's new keys
+    assert torch.equal(caches[0].values[0, :, :, 12], caches[1].values[0, :, :, 12])
+
+
+def test_off_switch_keeps_torch_ops(tmp_path):
+    tiny_model(tmp_path, "llama")
+    script = ("import torch; from localgpt.weights import load_weights; from localgpt.config import load_config; "
+              "from localgpt import native; from localgpt.model import Linear; from pathlib import Path; "
+              f"m = load_weights(Path({str(tmp_path)!r}), load_config(Path({str(tmp_path)!r})), torch.float32, "
+              "torch.device('cpu')); print(native.library() is None, any(x.native for x in m.modules() "
+              "if isinstance(x, Linear)))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env={**os.environ, "LOCALGPT_NATIVE": "0"})
+    assert result.stdout.split() == ["True", "False"], result.stderr
+
+
+@needs_native
+def test_build_is_cached_atomic_and_keyed_by_its_inputs(tmp_path):
+    compiler, flags = native.find_compiler(), native.cpu_flags()
+    first = native.build(compiler, flags, tmp_path)
+    modified = first.stat().st_mtime_ns
+    assert native.build(compiler, flags, tmp_path) == first  # cached: not built again
+    assert first.stat().st_mtime_ns == modified
+    assert native.build(compiler, flags | {"made_up_flag"}, tmp_path) != first  # a new CPU rebuilds
+    assert sorted(p.name.startswith("kernels-") for p in tmp_path.iterdir()) == [True, True]  # no scratch left
+
+
+def run_python(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env})
+
+
+@needs_native
+def test_a_failing_compiler_falls_back_with_one_notice(tmp_path):
+    result = run_python("from localgpt import native; print(native.library() is None)", CC="/bin/false",
+                        LOCALGPT_HOME=str(tmp_path / "home"))
+    assert result.stdout.strip() == "True"
+    assert result.stderr.count("native kernels unavailable") == 1 and "Traceback" not in result.stderr
+
+
+@needs_native
+def test_an_unwritable_home_still_gets_kernels(tmp_path):
+    (tmp_path / "file").write_text("")  # a home below a file: unwritable for every user, root included
+    result = run_python("from localgpt import native; print(native.library() is not None)",
+                        LOCALGPT_HOME=str(tmp_path / "file" / "home"))
+    assert result.stdout.strip() == "True" and result.stderr == "", result.stderr
