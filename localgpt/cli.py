@@ -502,7 +502,7 @@ def bench(
         write_out(json.dumps(report, indent=2) + "\n")
         return
     print(f"machine: {machine_description()}")
-    print(f"memory bandwidth (sum over 512 MB): {bandwidth:.1f} GB/s")
+    print(f"memory bandwidth (best read of 512 MB): {bandwidth:.1f} GB/s")
     print(f"model: {folder}; prompt {prompt_tokens} tokens, {new_tokens} new tokens, greedy, best of {repeats}")
     if compile_step:
         print(f"torch.compile of the decode step: {results[0].compile_s:.1f} s (not in the figures below)")

@@ -263,11 +263,14 @@ class Block(nn.Module):
         self.mlp_norm = make_norm(config, config.hidden_size)
         self.mlp = MLP(config)
         self.sandwich = config.sandwich_norm
+        self.native = None  # the whole one-token layer in kernels.c: a native.BlockSpec (use_fast_layout)
         if self.sandwich:
             self.post_attn_norm = make_norm(config, config.hidden_size)
             self.post_mlp_norm = make_norm(config, config.hidden_size)
 
     def forward(self, x, rope, cache: KVCache, start: int) -> torch.Tensor:
+        if self.native is not None and x.shape[1] == 1 and not torch.compiler.is_compiling():
+            return native.decoder_block(self.native, x, rope, cache, self.attn.layer_index, start)
         attn_out = self.attn(self.input_norm(x), rope, cache, start)
         if self.sandwich:
             attn_out = self.post_attn_norm(attn_out)
@@ -318,6 +321,8 @@ class Transformer(nn.Module):
                 if isinstance(module, (Attention, RMSNorm)) or \
                         isinstance(module, MLP) and module.gated and module.act is F.silu:
                     module.native = True
+            for layer in self.layers:
+                layer.native = native.block_spec(layer)
 
     def weight_bytes(self) -> int:
         """Bytes of the weights as stored (a tied head counted once, 4-bit packed bytes as they are): what one

@@ -27,6 +27,17 @@ REQUIRED_FLAGS = {"avx512f", "avx512bw"}  # float32 kernels and the masked 16-bi
 COMPILE_FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC"]
 
 
+WEIGHTS = ("input_norm", "qkv", "qkv_bias", "o", "o_bias", "mlp_norm", "gate_up", "gate_up_bias", "down",
+           "down_bias")
+
+
+class BlockSpec(ctypes.Structure):
+    """kernels.c's lg_block: one decoder layer's weights (addresses) and sizes."""
+    _fields_ = [(name, ctypes.c_void_p) for name in WEIGHTS] + \
+        [(name, ctypes.c_int64) for name in ("hidden", "heads", "kv_heads", "head_dim", "inner", "window")] + \
+        [(name, ctypes.c_float) for name in ("eps", "norm_offset", "scale", "softcap")]
+
+
 def cpu_flags() -> set[str]:
     try:
         with open("/proc/cpuinfo") as cpuinfo:
@@ -84,6 +95,11 @@ def load(path: Path) -> ctypes.CDLL:
     for function in lib.lg_silu_mul_f32, lib.lg_silu_mul_bf16:
         function.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
         function.restype = None
+    blocks = (lib.lg_decoder_block_f32, lib.lg_decoder_block_bf16) if lib.lg_has_bf16() else \
+        (lib.lg_decoder_block_f32,)
+    for function in blocks:
+        function.argtypes = [ctypes.POINTER(BlockSpec)] + [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 4 + [ctypes.c_int]
+        function.restype = ctypes.c_int
     for function in lib.lg_rms_norm_f32, lib.lg_rms_norm_bf16:
         function.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float] * 2
         function.restype = None
@@ -210,4 +226,47 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     out = torch.empty(*gate_up.shape[:-1], inner, dtype=gate_up.dtype)
     kernel = library().lg_silu_mul_f32 if gate_up.dtype == torch.float32 else library().lg_silu_mul_bf16
     kernel(gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // gate_up.shape[-1], inner)
+    return out
+
+
+def block_spec(block) -> BlockSpec | None:
+    """The layer as kernels.c's lg_block, or None when one of its parts has no native path (GPT-2's LayerNorm,
+    Gemma's GELU or sandwich norms, Qwen3's q/k norms, quantized or packed projections)."""
+    attn, mlp = block.attn, block.mlp
+    if block.sandwich or attn.qk_norm or not (attn.native and mlp.native and block.input_norm.native
+                                              and block.mlp_norm.native):  # mlp.native: gated SiLU
+        return None
+    if not all(p.native for p in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)):
+        return None
+    if block.input_norm.eps != block.mlp_norm.eps or block.input_norm.weight_offset != block.mlp_norm.weight_offset:
+        return None
+    tensors = (block.input_norm.weight, attn.qkv_proj.weight, attn.qkv_proj.bias, attn.o_proj.weight,
+               attn.o_proj.bias, block.mlp_norm.weight, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias,
+               mlp.down_proj.weight, mlp.down_proj.bias)
+    spec = BlockSpec(*[t.data_ptr() if t is not None else None for t in tensors], block.input_norm.weight.shape[0],
+                     attn.num_heads, attn.num_kv_heads, attn.head_dim, mlp.down_proj.weight.shape[1],
+                     attn.window or 0, block.input_norm.eps, block.input_norm.weight_offset, attn.scale,
+                     attn.softcap or 0.0)
+    spec.tensors = tensors  # the addresses stay valid while the spec holds the tensors
+    spec.dtype = attn.qkv_proj.weight.dtype
+    return spec
+
+
+def decoder_block(spec: BlockSpec, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache,
+                  layer: int, start: int) -> torch.Tensor:
+    """One decoder layer for one token per row, x (B, 1, hidden) → (B, 1, hidden); writes the layer's cache."""
+    keys, values = cache.keys, cache.values  # (layers, B, g, max_len, hd)
+    if start + 1 > keys.shape[3]:
+        raise IndexError(f"KV cache holds {keys.shape[3]} positions, asked to write up to {start + 1}")
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    item = keys.element_size()
+    cos, sin = (rope[0].contiguous(), rope[1].contiguous()) if rope is not None else (x, x)
+    kernel = library().lg_decoder_block_f32 if x.dtype == torch.float32 else library().lg_decoder_block_bf16
+    layer_keys = keys.data_ptr() + layer * keys.stride(0) * item
+    layer_values = values.data_ptr() + layer * values.stride(0) * item
+    status = kernel(spec, x.data_ptr(), out.data_ptr(), cos.data_ptr(), sin.data_ptr(), layer_keys, layer_values,
+                    keys.stride(1), keys.stride(2), x.shape[0], start, rope is not None)
+    if status != 0:
+        raise MemoryError("the native decoder layer could not allocate its scratch memory")
     return out
