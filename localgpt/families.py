@@ -393,7 +393,7 @@ FAMILIES: dict[str, Family] = {
 def family_for(model_type: str, source: str = "config.json") -> Family:
     if model_type not in FAMILIES:
         raise ModelError(
-            f"{source}: model_type '{model_type}' is not supported (supported: {', '.join(sorted(FAMILIES))})"
+            f"{source}: model_type {model_type!r} is not supported (supported: {', '.join(sorted(FAMILIES))})"
         )
     return FAMILIES[model_type]
 

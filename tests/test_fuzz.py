@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from helpers import TINY, VARIANTS
@@ -45,6 +45,7 @@ def assert_ours_or_valid(raw, generation=None):
 @given(raw=st.dictionaries(st.sampled_from(["model_type", "hidden_size", "num_hidden_layers", "vocab_size",
                                             "num_attention_heads", "rope_scaling", "eos_token_id", "n_embd"])
                            | st.text(max_size=6), JSON_VALUES, max_size=8))
+@example(raw={"model_type": "\n"})  # found by this test: the name went into the message raw, on two lines
 def test_random_config_objects(raw):
     assert_ours_or_valid(raw)
 
