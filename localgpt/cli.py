@@ -35,7 +35,8 @@ MODEL_OPTION = typer.Option(
 COMPILE_OPTION = typer.Option(
     False, "--compile",
     help="torch.compile the decode step, after up to a minute of compiling: ~10-25% faster float32 decoding where "
-         "localgpt's native kernels cannot run (no AVX-512 or no C compiler); no gain where they do.",
+         "localgpt's native kernels cannot run (no AVX-512 or no C compiler). Skipped, with a notice, where they "
+         "run: they are faster.",
 )
 QUANTIZE_OPTION = typer.Option(
     None, "--quantize", "-q", help="Quantize while loading: 8 | 4 (nf4) | nf4 | fp4 (needs localgpt[quant]).",
@@ -389,7 +390,7 @@ def quantize(
     """Write an 8-bit or 4-bit copy of a model through bitsandbytes (needs localgpt[quant]).
 
     On CPU quantization is for memory, not speed: bitsandbytes' CPU kernels dequantize inside every product, so
-    8-bit decodes at about half the speed of float32, 4-bit about as fast as bfloat16, and both read prompts
+    8-bit decodes at about 40% of float32's speed, 4-bit at about 60% of bfloat16's, and both read prompts
     several times slower (docs/quantization.md). On CUDA they save memory at a small cost in speed. The folder
     loads in localgpt and in transformers.
     """
@@ -486,8 +487,12 @@ def bench(
     print(f"localgpt: benchmarking {folder.name}, {prompt_tokens} prompt tokens, {new_tokens} new, best of {repeats}",
           file=sys.stderr)
     if compile_step:
-        print("localgpt: compiling the decode step first (about a minute on a cold cache)", file=sys.stderr)
+        print("localgpt: compiling the decode step first, unless the native kernels run here (about a minute on a "
+              "cold cache)", file=sys.stderr)
     results = [measure("localgpt", model=folder, dtype=dtype, quantize=quantize, compile=compile_step, **workload)]
+    if compile_step and not results[0].compile_s:
+        print("localgpt: --compile skipped: the native kernels decode faster than a compiled step here",
+              file=sys.stderr)
     for name in compare:
         print(f"localgpt: running {name}", file=sys.stderr)
         if name == "transformers":
@@ -504,7 +509,7 @@ def bench(
     print(f"machine: {machine_description()}")
     print(f"memory bandwidth (best read of 512 MB): {bandwidth:.1f} GB/s")
     print(f"model: {folder}; prompt {prompt_tokens} tokens, {new_tokens} new tokens, greedy, best of {repeats}")
-    if compile_step:
+    if results[0].compile_s:
         print(f"torch.compile of the decode step: {results[0].compile_s:.1f} s (not in the figures below)")
     print()
     print(format_table(results, bandwidth))

@@ -1,16 +1,18 @@
-/* Decoding products for localgpt: y (M, N) = x (M, K) · w (N, K)ᵀ for the few rows of decoding (M is 1, or one
- * row per beam), float32 and bfloat16, on x86-64 CPUs with AVX-512.
+/* Decoding kernels for localgpt, x86-64 with AVX-512: the work of one decoding step of a few rows (one token, or
+ * one per beam) in float32 and bfloat16 — products y (M, N) = x (M, K) · w (N, K)ᵀ, the one-token attention step
+ * with its rotary embedding and cache write, RMSNorm, the SiLU-gated MLP's product, and a whole Llama-family layer
+ * made of them (docs/architecture.md, "Native kernels").
  *
- * Why: decoding one token reads every weight once, so its speed is memory bandwidth over weight bytes. torch's
- * bfloat16 products read ~8-10 GB/s here for one row and its float32 ones need a blocked-bmm trick to reach ~28;
- * these loops stream each weight row once, both cores splitting the rows, at ~26-28 GB/s in either dtype
- * (docs/benchmarks.md). Built once per machine by localgpt/native.py with the system C compiler
- * (-O3 -march=native -fopenmp); it joins torch's own OpenMP runtime (same libgomp.so.1), so torch.set_num_threads
- * applies and the two never compete for cores.
+ * Why: decoding one token reads every weight once, so its speed is memory bandwidth over weight bytes, and on a
+ * small model the dispatch of ~50 torch ops per layer costs as much again. torch's bfloat16 products read ~8-10
+ * GB/s here for one row; these loops stream each weight row once, both cores splitting the rows, at 26-44 GB/s
+ * (what the machine gives at the moment) in either dtype (docs/benchmarks.md). Built once per machine by
+ * localgpt/native.py with the system C compiler (-O3 -march=native -fopenmp -ffp-contract=off); it joins torch's own
+ * OpenMP runtime (same libgomp.so.1), so torch.set_num_threads applies and the two never compete for cores.
  *
- * Numerics: float32 sums each row in a different order than MKL (last-bit differences, as between any two
+ * Numerics: float32 products sum each row in a different order than MKL (last-bit differences, as between any two
  * BLAS); bfloat16 multiplies pairs exactly and sums in float32, then rounds to nearest even, like torch's CPU
- * bfloat16 linear. Any K works: the tail is a masked load.
+ * bfloat16 linear. Elementwise steps round where torch's ops round. Any size works: tails are masked loads.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -20,6 +22,14 @@
 
 #define MAX_ROWS 4 /* rows of x per pass over the weights: 4 x 2 accumulators stay in registers */
 
+/* With 3-4 rows of x the loop computes long enough per byte that the hardware prefetchers fall behind: asking for
+ * the weight lines 16 KB ahead into L2 took 4-row float32 products from 23 to 29 GB/s here (for 1-2 rows it cost
+ * bandwidth, so they do not). */
+#define PREFETCH_BYTES 16384
+static inline void prefetch_ahead(const void *at, int lines) {
+    for (int line = 0; line < lines; line++) _mm_prefetch((const char *)at + PREFETCH_BYTES + 64 * line, _MM_HINT_T1);
+}
+
 /* One weight row n against MB rows of x, two accumulators per x row to hide the FMA latency. */
 #define F32_ROW(MB)                                                                                              \
     {                                                                                                            \
@@ -28,6 +38,7 @@
         const float *wr = w + n * K;                                                                             \
         int64_t i = 0;                                                                                           \
         for (; i + 32 <= K; i += 32) {                                                                           \
+            if (MB >= 3) prefetch_ahead(wr + i, 2);                                                              \
             __m512 w0 = _mm512_loadu_ps(wr + i), w1 = _mm512_loadu_ps(wr + i + 16);                              \
             for (int m = 0; m < MB; m++) {                                                                       \
                 acc[m][0] = _mm512_fmadd_ps(_mm512_loadu_ps(xr + m * K + i), w0, acc[m][0]);                      \
@@ -96,6 +107,7 @@ int lg_has_bf16(void) {
         const uint16_t *wr = w + n * K;                                                                          \
         int64_t i = 0;                                                                                           \
         for (; i + 64 <= K; i += 64) {                                                                           \
+            if (MB >= 3) prefetch_ahead(wr + i, 2);                                                              \
             __m512i w0 = _mm512_loadu_si512(wr + i), w1 = _mm512_loadu_si512(wr + i + 32);                       \
             for (int m = 0; m < MB; m++) {                                                                       \
                 acc[m][0] = _mm512_dpbf16_ps(acc[m][0], (__m512bh)_mm512_loadu_si512(xr + m * K + i), (__m512bh)w0); \

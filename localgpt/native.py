@@ -1,9 +1,12 @@
-"""Native decoding products (kernels.c), built once per machine with the system C compiler and called via ctypes.
+"""Native decoding kernels (kernels.c), built once per machine with the system C compiler and called via ctypes.
 
-Used for the few rows of decoding on CPUs with AVX-512 (float32; bfloat16 also needs AVX512-BF16). Anything else,
-or LOCALGPT_NATIVE=0, or no working C compiler, leaves torch's own products in place: the kernels only make
-decoding faster, never different in kind. The library is cached in LOCALGPT_HOME/native under a name that hashes
-the source, the compiler and the CPU's flags, and written atomically, so a change of any of them rebuilds it.
+The steps of decoding a few rows (one token, or one per beam) on x86-64 Linux CPUs with AVX-512: products
+(float32; bfloat16 also needs AVX512-BF16), the one-token attention step, RMSNorm, the SiLU-gated MLP product and
+whole Llama-family layers. Anything else, LOCALGPT_NATIVE=0 or no working C compiler leaves torch's own ops in
+place: the kernels only make decoding faster, never different in kind. The library is cached in
+LOCALGPT_HOME/native under a name that hashes the source, the compiler and the CPU's flags, and written atomically,
+so a change of any of them rebuilds it. gcc is what it is built and tested with: its -fopenmp links libgomp.so.1,
+the OpenMP runtime torch ships, so the kernels use torch's threads.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from helpers import tiny_model
+from localgpt import native
 from localgpt.beam import BeamOptions, beam_search
 from localgpt.compiled import compile_decode
 from localgpt.config import load_config
@@ -20,6 +21,13 @@ from test_cli import run
 pytest.importorskip("transformers")
 
 PROMPT = [5, 17, 99, 230, 7, 8, 7, 8, 301, 44, 12, 3]
+
+
+@pytest.fixture(autouse=True)
+def without_native_kernels(monkeypatch):
+    """--compile is for machines where the native kernels cannot run (where they run it is skipped, see below)."""
+    monkeypatch.setattr(native, "supports", lambda weight: False)
+    monkeypatch.setattr(native, "supports_dtype", lambda dtype, device: False)
 
 
 def load_pair(folder, variant):
@@ -75,8 +83,26 @@ def test_falls_back_to_eager_when_compilation_fails(tmp_path, monkeypatch):
 
 def test_generate_compile_flag(tmp_path):
     tiny_model(tmp_path, "llama", tokenizer=True, eos_token_id=None)
-    eager = run("generate", "-m", str(tmp_path), "Hello", "-t", "0", "-n", "8", timeout=300)
-    compiled = run("generate", "-m", str(tmp_path), "Hello", "-t", "0", "-n", "8", "--compile", timeout=300)
+    command = ("generate", "-m", str(tmp_path), "Hello", "-t", "0", "-n", "8")
+    without_kernels = {"LOCALGPT_NATIVE": "0"}
+    eager = run(*command, env=without_kernels, timeout=300)
+    compiled = run(*command, "--compile", env=without_kernels, timeout=300)
     assert compiled.returncode == 0, compiled.stderr.decode()
     assert compiled.stdout == eager.stdout
     assert "compiling the decode step" in compiled.stderr.decode()  # the user is told before the wait
+    if native.library() is not None:  # where the kernels run, the flag is declined in one line
+        skipped = run(*command, "--compile", timeout=300)
+        assert skipped.returncode == 0 and skipped.stdout == eager.stdout
+        assert skipped.stderr.decode().splitlines() == ["localgpt: --compile skipped: the native kernels decode "
+                                                         "faster than a compiled step here"]
+
+
+def test_skipped_where_the_native_kernels_run(tmp_path, monkeypatch):
+    monkeypatch.undo()  # the kernels as this machine has them
+    if native.library() is None:
+        pytest.skip("no native kernels on this machine: --compile compiles")
+    _, model = load_pair(tmp_path, "llama")
+    notices = []
+    assert not compile_decode(model, notify=notices.append)
+    assert model.compiled_step is None and notices == ["--compile skipped: the native kernels decode faster than a "
+                                                       "compiled step here"]

@@ -266,3 +266,21 @@ def test_layers_without_a_native_path_keep_torch_ops(tmp_path):
         tiny_model(folder, variant)
         model = load_weights(folder, load_config(folder), torch.float32, torch.device("cpu"))
         assert all(layer.native is None for layer in model.layers), variant
+
+
+def test_cli_answers_the_same_with_and_without_kernels(tmp_path):
+    """Through the real CLI: a compiler that fails gives one notice and the same greedy answer as the kernels
+    (float32 on a tiny model: the same tokens), and LOCALGPT_NATIVE=0 says nothing at all."""
+    from test_cli import run
+
+    tiny_model(tmp_path, "llama", tokenizer=True, eos_token_id=None)
+    answers = {}
+    for name, env in {"native": {}, "failing compiler": {"CC": "/bin/false"}, "off": {"LOCALGPT_NATIVE": "0"}}.items():
+        result = run("generate", "-m", str(tmp_path), "Hello", "-t", "0", "-n", "12",
+                     env={**env, "LOCALGPT_HOME": str(tmp_path / f"home-{len(answers)}")})
+        assert result.returncode == 0, result.stderr.decode()
+        answers[name] = (result.stdout, result.stderr.decode())
+    assert answers["native"][0] == answers["failing compiler"][0] == answers["off"][0]
+    assert answers["native"][1] == "" and answers["off"][1] == ""
+    notice = answers["failing compiler"][1]
+    assert notice.count("native kernels unavailable") == 1 and len(notice.splitlines()) == 1
