@@ -5,8 +5,11 @@ build (once, atomic, cached by what it was built from) and every way of falling 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -284,3 +287,18 @@ def test_cli_answers_the_same_with_and_without_kernels(tmp_path):
     assert answers["native"][1] == "" and answers["off"][1] == ""
     notice = answers["failing compiler"][1]
     assert notice.count("native kernels unavailable") == 1 and len(notice.splitlines()) == 1
+
+
+def test_the_wheel_carries_the_kernel_source(tmp_path):
+    """A non-editable install must ship kernels.c, or every user would silently get torch's ops."""
+    root, project = Path(native.__file__).resolve().parent.parent, tmp_path / "project"
+    # a copy: building in the work tree would leave build/ there, and a stale build/ would hide a missing file
+    shutil.copytree(root / "localgpt", project / "localgpt", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, project / name)
+    # built as `pip install` builds it (an isolated environment with pyproject's setuptools, as .ci/run does)
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", str(project), "-w",
+                             str(tmp_path / "wheels")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    (wheel,) = (tmp_path / "wheels").glob("localgpt-*.whl")
+    assert "localgpt/kernels.c" in zipfile.ZipFile(wheel).namelist()
