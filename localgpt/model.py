@@ -318,8 +318,8 @@ class Transformer(nn.Module):
                 module.use_blocks(torch.get_num_threads())
         if not head_only and native.supports_dtype(self.dtype, self.device):
             for module in self.modules():
-                if isinstance(module, (Attention, RMSNorm)) or \
-                        isinstance(module, MLP) and module.gated and module.act is F.silu:
+                if isinstance(module, RMSNorm) or isinstance(module, MLP) and module.gated and module.act is F.silu \
+                        or isinstance(module, Attention) and module.head_dim <= native.MAX_HEAD_DIM:
                     module.native = True
             for layer in self.layers:
                 layer.native = native.block_spec(layer)

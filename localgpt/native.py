@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("kernels.c")
+MAX_HEAD_DIM = 512  # kernels.c's attention holds one head in registers: MAX_HEAD_CHUNKS x 16
 REQUIRED_FLAGS = {"avx512f", "avx512bw"}  # float32 kernels and the masked 16-bit loads of the bfloat16 tail
 # -ffp-contract=off: a * b + c in plain C stays two roundings, as in torch (the rotary step is bit-exact to it)
 COMPILE_FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC"]

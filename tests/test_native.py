@@ -302,3 +302,11 @@ def test_the_wheel_carries_the_kernel_source(tmp_path):
     assert result.returncode == 0, result.stderr
     (wheel,) = (tmp_path / "wheels").glob("localgpt-*.whl")
     assert "localgpt/kernels.c" in zipfile.ZipFile(wheel).namelist()
+
+
+def test_heads_wider_than_the_attention_kernel_keep_torch_attention(tmp_path, monkeypatch):
+    monkeypatch.setattr(native, "MAX_HEAD_DIM", 8)  # tiny llama's heads are 16 wide
+    tiny_model(tmp_path, "llama")
+    model = load_weights(tmp_path, load_config(tmp_path), torch.float32, torch.device("cpu"))
+    assert not any(layer.attn.native for layer in model.layers)
+    assert all(layer.native is None for layer in model.layers)  # the whole-layer kernel needs native attention
