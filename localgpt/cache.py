@@ -41,11 +41,15 @@ class KVCache:
     def update(self, layer: int, start: int, keys: torch.Tensor, values: torch.Tensor):
         """Write (B, n_kv, T, hd) keys/values at positions [start, start+T) and return views of [0, start+T)."""
         end = start + keys.shape[2]
-        if end > self.max_len:
-            raise IndexError(f"KV cache holds {self.max_len} positions, asked to write up to {end}")
+        self.check_room(end)
         write = write_positions_op if torch.compiler.is_compiling() else write_positions
         write(self.keys, self.values, layer, start, keys, values)
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]  # (B, n_kv, end, hd)
+
+    def check_room(self, end: int) -> None:
+        """Positions up to `end` are about to be written: refuse before writing past the buffers."""
+        if end > self.max_len:
+            raise IndexError(f"KV cache holds {self.max_len} positions, asked to write up to {end}")
 
     def reorder(self, batch_indices: torch.Tensor) -> None:
         """Beam search: row i of the cache becomes old row batch_indices[i] (only the filled prefix is moved)."""

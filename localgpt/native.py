@@ -137,6 +137,11 @@ def library(notify: Callable[[str], None] = notify_stderr) -> ctypes.CDLL | None
         return None
 
 
+def kernel(name: str, dtype: torch.dtype):
+    """kernels.c's `lg_<name>_f32` or `lg_<name>_bf16` for tensors of this dtype."""
+    return getattr(library(), f"lg_{name}_{'f32' if dtype == torch.float32 else 'bf16'}")
+
+
 def supports(weight: torch.Tensor) -> bool:
     """True when decoding products with this weight (N, K) can run natively here."""
     if weight.device.type != "cpu" or weight.dim() != 2 or not weight.is_contiguous():
@@ -151,8 +156,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x (..., K) x weight (N, K)ᵀ → (..., N) in the weight's dtype; `supports(weight)` must hold."""
     x = x.contiguous()
     out = torch.empty(*x.shape[:-1], weight.shape[0], dtype=weight.dtype)
-    kernel = library().lg_linear_f32 if weight.dtype == torch.float32 else library().lg_linear_bf16
-    kernel(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], weight.shape[0])
+    kernel("linear", weight.dtype)(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1],
+                                   x.shape[-1], weight.shape[0])
     return out
 
 
@@ -179,12 +184,25 @@ def _attend(q: torch.Tensor, keys: int, values: int, g: int, S: int, kv_batch_st
             scale: float, softcap: float | None) -> torch.Tensor:
     B, h, _, hd = q.shape
     out = torch.empty(B, h, 1, hd, dtype=q.dtype)
-    kernel = library().lg_attention_f32 if q.dtype == torch.float32 else library().lg_attention_bf16
-    status = kernel(q.data_ptr(), keys, values, out.data_ptr(), B, h, g, S, hd, q.stride(0), q.stride(1),
-                    kv_batch_stride, kv_head_stride, scale, softcap or 0.0)
+    status = kernel("attention", q.dtype)(q.data_ptr(), keys, values, out.data_ptr(), B, h, g, S, hd, q.stride(0),
+                                          q.stride(1), kv_batch_stride, kv_head_stride, scale, softcap or 0.0)
     if status != 0:
         raise MemoryError(f"native attention could not run (head_dim {hd}, {S} positions)")
     return out
+
+
+def cache_layer(cache, layer: int, end: int) -> tuple[int, int]:
+    """Addresses of one layer's keys and values in the cache (layers, B, g, max_len, hd), after checking that
+    positions up to `end` fit: what the kernels write the new position into and attend over."""
+    cache.check_room(end)
+    offset = layer * cache.keys.stride(0) * cache.keys.element_size()
+    return cache.keys.data_ptr() + offset, cache.values.data_ptr() + offset
+
+
+def rope_tables(rope: tuple[torch.Tensor, torch.Tensor] | None, unused: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """cos and signed sin (1, 1, hd) as the kernels read them; without rope (learned positions) any tensor
+    stands in, since the kernels are told not to rotate."""
+    return (rope[0].contiguous(), rope[1].contiguous()) if rope is not None else (unused, unused)
 
 
 def decode_attention(qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache, layer: int,
@@ -193,24 +211,20 @@ def decode_attention(qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] 
     """A whole one-token attention step from the fused projection qkv (B, 1, (h + 2g) hd): rotate q and k (when
     rope is given), write k and v into the cache at `start`, attend over the cache → (B, h, 1, hd)."""
     B = qkv.shape[0]
-    keys, values = cache.keys, cache.values  # (layers, B, g, max_len, hd)
-    g, max_len, hd = keys.shape[2], keys.shape[3], keys.shape[4]
+    _, _, g, _, hd = cache.keys.shape
     end = start + 1
-    if end > max_len:
-        raise IndexError(f"KV cache holds {max_len} positions, asked to write up to {end}")
+    layer_keys, layer_values = cache_layer(cache, layer, end)
     qkv = qkv.contiguous()
     q = torch.empty(B, num_heads, 1, hd, dtype=qkv.dtype)
-    item = keys.element_size()
-    layer_keys = keys.data_ptr() + layer * keys.stride(0) * item
-    layer_values = values.data_ptr() + layer * values.stride(0) * item
-    cos, sin = (rope[0].contiguous(), rope[1].contiguous()) if rope is not None else (q, q)  # (1, 1, hd)
-    rotate_and_write = library().lg_rope_write_f32 if qkv.dtype == torch.float32 else library().lg_rope_write_bf16
-    rotate_and_write(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), q.data_ptr(), layer_keys, layer_values, B,
-                     num_heads, g, hd, keys.stride(1), keys.stride(2), start, rope is not None)
+    cos, sin = rope_tables(rope, q)
+    batch_stride, head_stride = cache.keys.stride(1), cache.keys.stride(2)
+    kernel("rope_write", qkv.dtype)(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), q.data_ptr(), layer_keys,
+                                    layer_values, B, num_heads, g, hd, batch_stride, head_stride, start,
+                                    rope is not None)
     first = max(0, end - window) if window else 0  # a sliding window reads its last `window` positions
-    skip = first * hd * item
-    return _attend(q, layer_keys + skip, layer_values + skip, g, end - first, keys.stride(1), keys.stride(2),
-                   scale, softcap)
+    skip = first * hd * cache.keys.element_size()
+    return _attend(q, layer_keys + skip, layer_values + skip, g, end - first, batch_stride, head_stride, scale,
+                   softcap)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float) -> torch.Tensor:
@@ -218,8 +232,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: f
     x = x.contiguous()
     out = torch.empty_like(x)
     rows, dim = x.numel() // x.shape[-1], x.shape[-1]
-    kernel = library().lg_rms_norm_f32 if x.dtype == torch.float32 else library().lg_rms_norm_bf16
-    kernel(x.data_ptr(), weight.data_ptr(), out.data_ptr(), rows, dim, eps, weight_offset)
+    kernel("rms_norm", x.dtype)(x.data_ptr(), weight.data_ptr(), out.data_ptr(), rows, dim, eps, weight_offset)
     return out
 
 
@@ -228,8 +241,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     gate_up = gate_up.contiguous()
     inner = gate_up.shape[-1] // 2
     out = torch.empty(*gate_up.shape[:-1], inner, dtype=gate_up.dtype)
-    kernel = library().lg_silu_mul_f32 if gate_up.dtype == torch.float32 else library().lg_silu_mul_bf16
-    kernel(gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // gate_up.shape[-1], inner)
+    kernel("silu_mul", gate_up.dtype)(gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // gate_up.shape[-1], inner)
     return out
 
 
@@ -252,25 +264,19 @@ def block_spec(block) -> BlockSpec | None:
                      attn.window or 0, block.input_norm.eps, block.input_norm.weight_offset, attn.scale,
                      attn.softcap or 0.0)
     spec.tensors = tensors  # the addresses stay valid while the spec holds the tensors
-    spec.dtype = attn.qkv_proj.weight.dtype
     return spec
 
 
 def decoder_block(spec: BlockSpec, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache,
                   layer: int, start: int) -> torch.Tensor:
     """One decoder layer for one token per row, x (B, 1, hidden) → (B, 1, hidden); writes the layer's cache."""
-    keys, values = cache.keys, cache.values  # (layers, B, g, max_len, hd)
-    if start + 1 > keys.shape[3]:
-        raise IndexError(f"KV cache holds {keys.shape[3]} positions, asked to write up to {start + 1}")
+    layer_keys, layer_values = cache_layer(cache, layer, start + 1)
     x = x.contiguous()
     out = torch.empty_like(x)
-    item = keys.element_size()
-    cos, sin = (rope[0].contiguous(), rope[1].contiguous()) if rope is not None else (x, x)
-    kernel = library().lg_decoder_block_f32 if x.dtype == torch.float32 else library().lg_decoder_block_bf16
-    layer_keys = keys.data_ptr() + layer * keys.stride(0) * item
-    layer_values = values.data_ptr() + layer * values.stride(0) * item
-    status = kernel(spec, x.data_ptr(), out.data_ptr(), cos.data_ptr(), sin.data_ptr(), layer_keys, layer_values,
-                    keys.stride(1), keys.stride(2), x.shape[0], start, rope is not None)
+    cos, sin = rope_tables(rope, x)
+    status = kernel("decoder_block", x.dtype)(spec, x.data_ptr(), out.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                                              layer_keys, layer_values, cache.keys.stride(1), cache.keys.stride(2),
+                                              x.shape[0], start, rope is not None)
     if status != 0:
         raise MemoryError("the native decoder layer could not allocate its scratch memory")
     return out
