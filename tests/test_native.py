@@ -195,6 +195,10 @@ def test_rotary_step_writes_the_same_bits_as_torch(tmp_path):
     assert torch.equal(caches[0].values[0, :, :, 12], caches[1].values[0, :, :, 12])
 
 
+def run_python(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env})
+
+
 def test_off_switch_keeps_torch_ops(tmp_path):
     tiny_model(tmp_path, "llama")
     script = ("import torch; from localgpt.weights import load_weights; from localgpt.config import load_config; "
@@ -202,8 +206,7 @@ def test_off_switch_keeps_torch_ops(tmp_path):
               f"m = load_weights(Path({str(tmp_path)!r}), load_config(Path({str(tmp_path)!r})), torch.float32, "
               "torch.device('cpu')); print(native.library() is None, any(x.native for x in m.modules() "
               "if isinstance(x, Linear)))")
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            env={**os.environ, "LOCALGPT_NATIVE": "0"})
+    result = run_python(script, LOCALGPT_NATIVE="0")
     assert result.stdout.split() == ["True", "False"], result.stderr
 
 
@@ -216,10 +219,6 @@ def test_build_is_cached_atomic_and_keyed_by_its_inputs(tmp_path):
     assert first.stat().st_mtime_ns == modified
     assert native.build(compiler, flags | {"made_up_flag"}, tmp_path) != first  # a new CPU rebuilds
     assert sorted(p.name.startswith("kernels-") for p in tmp_path.iterdir()) == [True, True]  # no scratch left
-
-
-def run_python(code: str, **env) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env})
 
 
 @needs_native
