@@ -16,32 +16,14 @@ from dataclasses import dataclass
 
 import torch
 
-from localgpt.errors import UsageError
 from localgpt.generate import Response, check_prompt_fits, prefill, timed_response
 from localgpt.model import Transformer
 from localgpt.sampling import SamplingOptions, process_logits
+from localgpt.settings import BeamOptions
 from localgpt.tokenizer import StreamDecoder
 
 NEG = -1.0e9  # transformers' "impossible" score
-
-
-@dataclass(frozen=True)
-class BeamOptions:
-    num_beams: int = 4
-    length_penalty: float = 1.0
-    early_stopping: bool | str = False  # True | False | "never"
-    num_return_sequences: int = 1
-    do_sample: bool = False
-
-    def validate(self) -> BeamOptions:
-        if self.num_beams < 1:
-            raise UsageError(f"--num-beams must be >= 1, not {self.num_beams}")
-        if not 1 <= self.num_return_sequences <= self.num_beams:
-            raise UsageError(f"--num-return-sequences must be between 1 and --num-beams ({self.num_beams}), "
-                             f"not {self.num_return_sequences}")
-        if self.early_stopping not in (True, False, "never"):
-            raise UsageError(f"--early-stopping must be true, false or never, not {self.early_stopping!r}")
-        return self
+__all__ = ["BeamOptions", "beam_search", "stream_beam_search"]  # BeamOptions: re-exported from settings.py
 
 
 @dataclass

@@ -12,7 +12,17 @@ import sys
 
 import typer
 
+from localgpt import interrupts
 from localgpt.errors import Interrupted, LocalGPTError, PromptError, UsageError
+from localgpt.settings import (
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_P,
+    DTYPES,
+    BeamOptions,
+    SamplingOptions,
+    check_quantize_choice,
+)
 
 app = typer.Typer(
     name="localgpt",
@@ -24,10 +34,6 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-DEFAULT_TEMPERATURE = 0.7
-DEFAULT_TOP_P = 0.9
-DEFAULT_MAX_TOKENS = 512
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 MODEL_OPTION = typer.Option(
     None, "--model", "-m", help="Folder, hub repo id or name from 'localgpt list'. Default: SmolLM2-135M-Instruct.",
     envvar="LOCALGPT_MODEL",
@@ -64,8 +70,6 @@ def build_prompt(argument: str | None, stdin_text: str | None) -> str:
 def sampling_options(defaults: dict, temperature, top_k, top_p, min_p, repetition_penalty, seed,
                      no_repeat_ngram_size=0):
     """Flags win; then the model's generation_config.json; then localgpt's defaults."""
-    from localgpt.sampling import SamplingOptions
-
     if temperature is None:
         if defaults.get("do_sample") is False:
             temperature = 0.0  # the model's authors asked for greedy decoding
@@ -86,11 +90,9 @@ def sampling_options(defaults: dict, temperature, top_k, top_p, min_p, repetitio
 
 def check_flags(max_tokens, dtype, temperature, top_k, top_p, min_p, repetition_penalty, seed,
                 no_repeat_ngram_size=0, quantize=None) -> None:
-    """Refuse bad values the user typed before spending seconds on loading a model."""
+    """Refuse bad values the user typed before spending seconds on loading a model (or importing torch)."""
     if quantize is not None:
-        from localgpt.quantize import parse_spec
-
-        parse_spec(quantize)
+        check_quantize_choice(quantize)
     if max_tokens < 1:
         raise UsageError(f"--max-tokens must be >= 1, not {max_tokens}")
     if dtype not in DTYPES:
@@ -104,8 +106,19 @@ def write_out(text: str) -> None:
     sys.stdout.flush()
 
 
+def print_version(value: bool) -> None:
+    if value:
+        from localgpt import __version__
+
+        print(f"localgpt {__version__}")
+        raise typer.Exit(0)
+
+
 @app.callback()
-def root():
+def root(
+    version: bool = typer.Option(False, "--version", "-V", is_eager=True, callback=print_version,
+                                 help="Print localgpt's version and exit."),
+):
     """Run open-weight language models on your own machine."""
 
 
@@ -161,9 +174,9 @@ def generate(
     beams = beam_options(num_beams, length_penalty, early_stopping, num_return_sequences, do_sample, stop)
     text = build_prompt(prompt, read_stdin_text())
 
+    loaded = load_for_generation(model, dtype, device, quantize, compile_step)
     from localgpt.generate import stream_generate
 
-    loaded = load_for_generation(model, dtype, device, quantize, compile_step)
     options = sampling_options(loaded.generation_defaults, temperature, top_k, top_p, min_p, repetition_penalty, seed,
                                no_repeat_ngram_size)
     prompt_ids = encode_prompt(loaded, text, system, raw, truncate)
@@ -180,6 +193,8 @@ def generate(
     pieces: list[str] = []
     final = None
     for response in responses:
+        if final is None:
+            interrupts.marker("decoding")
         if as_json:
             pieces.append(response.text)
         elif response.text:
@@ -195,9 +210,14 @@ def generate(
 
 def load_for_generation(model: str | None, dtype: str, device: str, quantize: str | None, compile_step: bool):
     from localgpt.hub import resolve
-    from localgpt.weights import load_model
 
-    loaded = load_model(resolve(model), dtype=dtype, device=device, quantize=quantize)
+    interrupts.marker("importing")
+    from localgpt.weights import load_model  # torch: a Ctrl-C waits for the import (localgpt/interrupts.py)
+
+    folder = resolve(model)
+    interrupts.marker("loading")
+    with interrupts.deferred():  # checkpoints between tensors keep it prompt
+        loaded = load_model(folder, dtype=dtype, device=device, quantize=quantize)
     if compile_step:
         from localgpt.compiled import compile_decode
 
@@ -221,8 +241,6 @@ def beam_options(num_beams: int, length_penalty: float, early_stopping: str, num
         return None
     if stop:
         raise UsageError("--stop works with one beam only — drop --stop or --num-beams")
-    from localgpt.beam import BeamOptions
-
     return BeamOptions(num_beams, length_penalty, modes[early_stopping.lower()], num_return_sequences,
                        do_sample).validate()
 
@@ -247,13 +265,16 @@ def encode_prompt(loaded, text: str, system: str | None, raw: bool, truncate: bo
     from localgpt.generate import check_prompt_fits
 
     tokenizer = loaded.tokenizer
-    if raw or tokenizer.chat_template is None:
-        if system and not raw:
-            print("localgpt: this model has no chat template; --system is ignored", file=sys.stderr)
-        ids = tokenizer.encode(text)
-    else:
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
-        ids = tokenizer.encode_chat(messages)
+    interrupts.marker("tokenizing")
+    with interrupts.deferred():  # the tokenizer is a native extension
+        if raw or tokenizer.chat_template is None:
+            if system and not raw:
+                print("localgpt: this model has no chat template; --system is ignored", file=sys.stderr)
+            ids = tokenizer.encode(text)
+        else:
+            messages = [{"role": "system", "content": system}] if system else []
+            ids = tokenizer.encode_chat(messages + [{"role": "user", "content": text}])
+    interrupts.marker("generating")
     context = loaded.config.context_length
     if len(ids) >= context:
         if not truncate:
@@ -298,6 +319,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = app(args=args or ["--help"], prog_name="localgpt", standalone_mode=False)
         code = code if isinstance(code, int) else 0
+        if code == 130:  # Typer's own answer to a Ctrl-C while it parses, returned silently: say it as elsewhere
+            sys.stderr.write("\n")
+            report_error("interrupted", 130)
     except typer.Exit as exc:
         code = exc.exit_code
     except (typer.Abort, KeyboardInterrupt):  # Ctrl-C outside a command's own handler (while parsing, say)
@@ -414,8 +438,11 @@ def quantize(
     target = Path(output).expanduser() if output else writable_models_dir() / f"{model_name(source)}-{spec.suffix}"
     refuse_existing(target, force)
     print(f"localgpt: quantizing {source} → {target}", file=sys.stderr)
-    loaded = load_model(source, dtype=compute_dtype, device=device, quantize=flag, skip=skip,
-                        int8_threshold=int8_threshold, fast_layout=False)
+    interrupts.marker("loading")
+    with interrupts.deferred():  # checkpoints between tensors keep it prompt
+        loaded = load_model(source, dtype=compute_dtype, device=device, quantize=flag, skip=skip,
+                            int8_threshold=int8_threshold, fast_layout=False)
+    interrupts.marker("writing")
     write_quantized(loaded.model, source, target, force=force)
     print(f"localgpt: {loaded.model.quantization.label}, {human_size(folder_size(source))} → "
           f"{human_size(folder_size(target))}", file=sys.stderr)

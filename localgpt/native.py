@@ -26,9 +26,21 @@ import torch
 
 SOURCE = Path(__file__).with_name("kernels.c")
 MAX_HEAD_DIM = 512  # kernels.c's attention holds one head in registers: MAX_HEAD_CHUNKS x 16
-REQUIRED_FLAGS = {"avx512f", "avx512bw"}  # float32 kernels and the masked 16-bit loads of the bfloat16 tail
+# Every instruction-set extension kernels.c uses (as /proc/cpuinfo names them): avx512f for the float32 kernels,
+# avx512bw and avx512vl for the masked 16-bit loads of the bfloat16 tails (_mm256_maskz_loadu_epi16). The tests
+# compile kernels.c with exactly these (ISA_BUILDS), so a use of anything else breaks the build on any host.
+REQUIRED_FLAGS = {"avx512f", "avx512bw", "avx512vl"}
+BF16_FLAG = "avx512_bf16"  # optional: bfloat16 products through vdpbf16ps (kernels.c checks __AVX512BF16__)
+# The builds kernels.c claims, each as gcc flags on top of the plain x86-64 baseline.
+ISA_BUILDS = {
+    "avx512": ["-march=x86-64", *(f"-m{flag}" for flag in sorted(REQUIRED_FLAGS))],
+    "avx512-bf16": ["-march=x86-64", *(f"-m{flag}" for flag in sorted(REQUIRED_FLAGS)), "-mavx512bf16"],
+}
 # -ffp-contract=off: a * b + c in plain C stays two roundings, as in torch (the rotary step is bit-exact to it)
 COMPILE_FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC"]
+# Flags to pretend this CPU lacks (space or comma separated, /proc/cpuinfo's names): reproduces a CPU without
+# AVX-512 (LOCALGPT_CPU_FLAGS_MASK=avx512f) or without AVX512-BF16 on any machine, for tests and CI.
+MASK_VARIABLE = "LOCALGPT_CPU_FLAGS_MASK"
 
 
 WEIGHTS = ("input_norm", "qkv", "qkv_bias", "o", "o_bias", "mlp_norm", "gate_up", "gate_up_bias", "down",
@@ -42,15 +54,26 @@ class BlockSpec(ctypes.Structure):
         [(name, ctypes.c_float) for name in ("eps", "norm_offset", "scale", "softcap")]
 
 
+def masked_flags() -> set[str]:
+    return set(os.environ.get(MASK_VARIABLE, "").replace(",", " ").split())
+
+
 def cpu_flags() -> set[str]:
+    """This CPU's feature flags as /proc/cpuinfo names them, less any that LOCALGPT_CPU_FLAGS_MASK hides."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             for line in cpuinfo:
                 if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                    return set(line.split(":", 1)[1].split()) - masked_flags()
     except OSError:
         pass
     return set()
+
+
+def compile_flags() -> list[str]:
+    """COMPILE_FLAGS, with -march=native told not to use what the mask hides (gcc spells avx512_bf16 avx512bf16)."""
+    hidden = sorted(flag for flag in masked_flags() if flag.startswith(("avx", "fma")))  # ones gcc has -mno- for
+    return COMPILE_FLAGS + [f"-mno-{flag.replace('_', '')}" for flag in hidden]
 
 
 def find_compiler() -> str | None:
@@ -68,7 +91,7 @@ def build(compiler: str, flags: set[str], target_dir: Path) -> Path:
     Quietly: it takes under a second, once per machine, compiler or localgpt version."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, " ".join(sorted(flags)),
-                                    " ".join(COMPILE_FLAGS)]).encode()).hexdigest()[:16]
+                                    " ".join(compile_flags())]).encode()).hexdigest()[:16]
     target = target_dir / f"kernels-{key}.so"
     if target.exists():
         return target
@@ -76,8 +99,8 @@ def build(compiler: str, flags: set[str], target_dir: Path) -> Path:
     scratch = tempfile.NamedTemporaryFile(dir=target_dir, prefix=".kernels-", suffix=".so", delete=False)
     scratch.close()
     try:
-        subprocess.run([compiler, *COMPILE_FLAGS, str(SOURCE), "-o", scratch.name], check=True, capture_output=True,
-                       text=True, timeout=300)
+        subprocess.run([compiler, *compile_flags(), str(SOURCE), "-o", scratch.name], check=True,
+                       capture_output=True, text=True, timeout=300)
         os.replace(scratch.name, target)  # atomic: another process sees no library or a whole one
     finally:
         Path(scratch.name).unlink(missing_ok=True)

@@ -24,9 +24,9 @@ from torch import nn
 
 from localgpt.errors import LocalGPTError, ModelError, UsageError
 from localgpt.hub import PICKLE_SUFFIXES
+from localgpt.settings import check_quantize_choice
 
 BLOCKSIZE = 64  # bitsandbytes' 4-bit block on CPU and CUDA; transformers writes the same
-QUANTIZE_CHOICES = ("8", "4", "nf4", "fp4")
 # Defaults chosen by perplexity on SmolLM2-135M (docs/quantization.md). transformers' own defaults are lm_head only
 # and threshold 6.0: there 8-bit lost 3.8% and nf4 26%. 8-bit sends input columns above the threshold through
 # float16; 1.5 catches this model's large activations (+0.7%, answers as float32's, ~7% slower; 3.0 gave +1.7% but
@@ -94,9 +94,7 @@ def default_compute_dtype(bits: int, device: torch.device) -> torch.dtype:
 def parse_spec(value: str, compute_dtype: str | None = None, skip: str | None = None,
                device: torch.device | None = None, threshold: float = DEFAULT_INT8_THRESHOLD) -> QuantSpec:
     """--quantize / --bits + --type values → QuantSpec (UsageError on bad values)."""
-    value = str(value).lower()
-    if value not in QUANTIZE_CHOICES:
-        raise UsageError(f"quantization must be one of {', '.join(QUANTIZE_CHOICES)}, not {value!r}")
+    value = check_quantize_choice(value)
     bits = 8 if value == "8" else 4
     quant_type = value if value in ("nf4", "fp4") else "nf4"
     if compute_dtype in (None, "auto"):

@@ -6,42 +6,13 @@ Shapes: logits (B, V) float32, history (B, L) token ids.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from localgpt.errors import UsageError
+from localgpt.settings import SamplingOptions
+
+__all__ = ["SamplingOptions"]  # re-exported: the schema lives in settings.py, torch-free
 
 NEG_INF = float("-inf")
-
-
-@dataclass(frozen=True)
-class SamplingOptions:
-    temperature: float = 0.7  # 0 = greedy
-    top_k: int = 0  # 0 = off
-    top_p: float = 0.9  # 1 = off
-    min_p: float = 0.0  # 0 = off
-    repetition_penalty: float = 1.0  # 1 = off
-    no_repeat_ngram_size: int = 0
-    seed: int | None = None
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-    def validate(self) -> SamplingOptions:
-        checks = [
-            (self.temperature >= 0, f"--temperature must be >= 0 (0 = greedy), not {self.temperature}"),
-            (0 < self.top_p <= 1, f"--top-p must be in (0, 1], not {self.top_p}"),
-            (self.top_k >= 0, f"--top-k must be >= 0 (0 = off), not {self.top_k}"),
-            (0 <= self.min_p <= 1, f"--min-p must be in [0, 1], not {self.min_p}"),
-            (self.repetition_penalty > 0, f"--repetition-penalty must be > 0, not {self.repetition_penalty}"),
-            (self.no_repeat_ngram_size >= 0, f"--no-repeat-ngram-size must be >= 0, not {self.no_repeat_ngram_size}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise UsageError(message)
-        return self
 
 
 def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from localgpt import interrupts
 from localgpt.config import ModelConfig, read_json
 from localgpt.errors import ModelError, UsageError
 from localgpt.families import Target, family_for
@@ -257,6 +258,7 @@ def _read_weights(model_dir: Path, config: ModelConfig, dtype: torch.dtype, devi
     for path, entries in headers:
         with open(path, "rb", buffering=0) as file:
             for key, entry in entries.items():
+                interrupts.checkpoint()  # a deferred Ctrl-C ends the load here, between tensors
                 stat = quantized_weight_key(key)
                 weight_key, part = stat if stat else (key, "weight")
                 if weight_key in stored_quantized:

@@ -125,3 +125,30 @@ def tiny_model(folder: Path, variant: str, *, seed: int = 0, tokenizer: bool = F
     if tokenizer:
         write_tokenizer(folder)
     return model
+
+
+def run_cli(*args: str, stdin: str | bytes | None = "", env: dict | None = None, timeout: float = 300,
+            offline: bool = True):
+    """The real `localgpt` in a child process (text in and out; bytes on stdin are passed as they are, and any
+    bad UTF-8 that comes back is replaced). `env` adds to this process's environment; offline=False drops the
+    suite's HF_HUB_OFFLINE=1 for tests that talk to a stand-in hub."""
+    import os
+    import subprocess
+    import sys
+
+    environment = {k: v for k, v in os.environ.items() if offline or k != "HF_HUB_OFFLINE"}
+    environment.update(env or {})
+    data = stdin.encode() if isinstance(stdin, str) else stdin
+    result = subprocess.run([sys.executable, "-m", "localgpt", *args], input=data, capture_output=True,
+                            timeout=timeout, env=environment, stdin=None if data is not None else subprocess.DEVNULL)
+    result.stdout = result.stdout.decode("utf-8", errors="replace")
+    result.stderr = result.stderr.decode("utf-8", errors="replace")
+    return result
+
+
+def assert_clean_error(result, code: int, message: str):
+    """One `Error: …` line on stderr that says `message`, the exit code, and no traceback."""
+    assert result.returncode == code, result.stderr
+    assert result.stderr.startswith("Error: ") and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr

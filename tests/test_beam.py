@@ -18,7 +18,21 @@ from localgpt.weights import load_weights
 pytest.importorskip("transformers")
 
 EOS = list(range(2, 50))  # many end tokens, so that hypotheses finish early and often
-GRID = list(itertools.product([2, 4], [0.5, 1.0, 2.0], [True, False, "never"], [0, 2], [1, 2]))
+# (num_beams, length_penalty, early_stopping, no_repeat_ngram_size, num_return_sequences): every value of every
+# option and every pair of values of two options at least once (a covering design: 9 cases, not the 72 of the
+# full product; test_grid_covers_every_pair_of_values holds it to that).
+VALUES = [[2, 4], [0.5, 1.0, 2.0], [True, False, "never"], [0, 2], [1, 2]]
+GRID = [
+    (2, 0.5, True, 0, 2), (4, 0.5, False, 0, 1), (4, 0.5, "never", 2, 1),
+    (4, 1.0, True, 2, 2), (4, 1.0, False, 0, 2), (2, 1.0, "never", 2, 1),
+    (2, 2.0, True, 0, 1), (2, 2.0, False, 2, 1), (4, 2.0, "never", 0, 2),
+]
+
+
+def test_grid_covers_every_pair_of_values():
+    for (i, first), (j, second) in itertools.combinations(enumerate(VALUES), 2):
+        for a, b in itertools.product(first, second):
+            assert any(case[i] == a and case[j] == b and type(case[i]) is type(a) for case in GRID), (i, a, j, b)
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2"])
@@ -83,11 +97,15 @@ def test_streamed_prefix_is_always_a_prefix_of_the_answer(pair):
 @torch.no_grad()
 def test_beam_sampling_is_seeded_and_valid(pair):
     _, ours = pair
-    sampling = SamplingOptions(temperature=0.8, top_k=20, seed=3)
-    runs = [beam_search(ours, [60, 61, 62], sampling, BeamOptions(3, do_sample=True, num_return_sequences=2), 12,
-                        set(EOS)) for _ in range(2)]
-    assert [h.tokens for h in runs[0]] == [h.tokens for h in runs[1]]
-    assert runs[0][0].score >= runs[0][1].score
+    def sampled(seed: int) -> list[list[int]]:
+        sampling = SamplingOptions(temperature=0.8, top_k=20, seed=seed)
+        beams = BeamOptions(3, do_sample=True, num_return_sequences=2)
+        hypotheses = beam_search(ours, [60, 61, 62], sampling, beams, 12, set(EOS[10:]))
+        assert hypotheses[0].score >= hypotheses[1].score
+        return [h.tokens for h in hypotheses]
+
+    assert sampled(3) == sampled(3)  # seeded: repeatable
+    assert len({str(sampled(seed)) for seed in range(6)}) > 1  # and it samples: deterministic beams have one answer
 
 
 @pytest.mark.parametrize("options", [BeamOptions(num_beams=0), BeamOptions(num_beams=2, num_return_sequences=3),

@@ -10,7 +10,7 @@ import pytest
 
 from helpers import tiny_model
 from localgpt.bench import BenchResult, format_table, prompt_ids
-from test_cli import assert_clean_error, run
+from test_cli import assert_clean_error, run, run_in_process
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def test_prompt_ids_fit_the_vocabulary():
 def test_bench_against_transformers_json(model):
     result = run("bench", "-m", str(model), "--prompt-tokens", "16", "--new-tokens", "6", "--repeats", "1",
                  "--compare", "transformers", "--json", timeout=300)
-    assert result.returncode == 0, result.stderr.decode()
+    assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["memory_bandwidth_gb_s"] > 0 and report["prompt_tokens"] == 16
     ours, theirs = report["results"]
@@ -45,8 +45,8 @@ def test_bench_against_transformers_json(model):
 def test_bench_table(model):
     result = run("bench", "-m", str(model), "--prompt-tokens", "8", "--new-tokens", "4", "--repeats", "1",
                  "--dtype", "bfloat16", timeout=300)
-    assert result.returncode == 0, result.stderr.decode()
-    out = result.stdout.decode()
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
     assert "memory bandwidth" in out and "decode tok/s" in out
     assert "localgpt      bfloat16" in out
 
@@ -71,8 +71,8 @@ def test_format_table_ratios():
         (["-q", "3"], "quantization must be one of 8, 4, nf4, fp4"),
     ],
 )
-def test_bad_flags(model, args, message):
-    assert_clean_error(run("bench", "-m", str(model), *args), 2, message)
+def test_bad_flags(capsys, model, args, message):
+    assert_clean_error(run_in_process(capsys, "bench", "-m", str(model), *args), 2, message)
 
 
 def test_llama_cpp_missing_is_a_clear_error(model, tmp_path):

@@ -6,12 +6,10 @@ from __future__ import annotations
 import io
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-from helpers import tiny_model
+from helpers import run_cli, tiny_model
 from localgpt.chat import ChatSession, ChatSettings, read_blocks
 from localgpt.errors import LocalGPTError, UsageError
 from localgpt.weights import load_model
@@ -187,15 +185,18 @@ def test_a_bad_history_file_never_stops_the_chat(loaded, tmp_path, kind):
         assert output.count("history is off") == 1
 
 
-def test_piped_chat_is_scriptable_and_remembers(folder):
-    result = subprocess.run([sys.executable, "-m", "localgpt", "chat", "-m", str(folder), "-t", "0", "-n", "5"],
-                            input=b"Hi\nWhat did I say?\n", capture_output=True, timeout=120,
-                            env={**os.environ, "LOCALGPT_MODEL": ""})
-    assert result.returncode == 0, result.stderr.decode()
-    text = result.stdout.decode()
-    assert "\x1b" not in text and ">>>" not in text
-    replies = text.split("\n\n")
+def test_piped_chat_is_scriptable_and_remembers(folder, loaded):
+    result = run_cli("chat", "-m", str(folder), "-t", "0", "-n", "5", stdin="Hi\nWhat did I say?\n",
+                     env={"LOCALGPT_MODEL": ""}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "\x1b" not in result.stdout and ">>>" not in result.stdout
+    replies = result.stdout.split("\n\n")
     assert len(replies) == 3 and replies[2] == ""  # two replies, each followed by a blank line
+    # the second reply is the one a conversation that holds the first turn gives, not a fresh one's
+    session = ChatSession(loaded, ChatSettings(temperature=0.0, max_tokens=5))
+    assert replies[:2] == [reply(session, "Hi"), reply(session, "What did I say?")]
+    fresh = ChatSession(loaded, ChatSettings(temperature=0.0, max_tokens=5))
+    assert reply(fresh, "What did I say?") != replies[1]
 
 
 def test_beams_in_chat_match_beam_search(loaded):

@@ -9,26 +9,26 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from helpers import tiny_model
-from localgpt.cli import build_prompt
+from helpers import assert_clean_error, run_cli, tiny_model
+from localgpt.cli import build_prompt, main
 from localgpt.errors import PromptError, UsageError
 from localgpt.tokenizer import Tokenizer
 
 
-def run(*args: str, stdin: bytes | None = b"", env: dict | None = None, timeout: int = 120):
-    return subprocess.run([sys.executable, "-m", "localgpt", *args], input=stdin, capture_output=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
+def run(*args: str, stdin: str | bytes | None = "", env: dict | None = None, timeout: int = 120):
+    return run_cli(*args, stdin=stdin, env=env, timeout=timeout)
 
 
-def assert_clean_error(result, code: int, message: str):
-    stderr = result.stderr.decode()
-    assert result.returncode == code, stderr
-    assert stderr.startswith("Error: ") and message in stderr, stderr
-    assert "Traceback" not in stderr
-    assert len(stderr.strip().splitlines()) == 1, stderr
+def run_in_process(capsys, *args: str):
+    """main() in this process, for checks that need no model: exit code, stdout and stderr."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+    out, err = capsys.readouterr()
+    return SimpleNamespace(returncode=exit_info.value.code, stdout=out, stderr=err)
 
 
 @pytest.fixture(scope="module")
@@ -38,16 +38,16 @@ def model(tmp_path_factory) -> Path:
     return folder
 
 
-def generate_json(model: Path, *args: str, stdin: bytes = b"") -> dict:
+def generate_json(model: Path, *args: str, stdin: str | bytes = "") -> dict:
     result = run("generate", "-m", str(model), "-t", "0", "--json", *args, stdin=stdin)
-    assert result.returncode == 0, result.stderr.decode()
+    assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
 
 def test_streams_the_answer_to_stdout_only(model):
     result = run("generate", "-m", str(model), "Hello", "-t", "0", "-n", "8")
     assert result.returncode == 0
-    assert result.stdout.strip() and result.stderr == b""
+    assert result.stdout.strip() and result.stderr == ""
     again = run("generate", "-m", str(model), "Hello", "-t", "0", "-n", "8")
     assert again.stdout == result.stdout  # greedy is deterministic
 
@@ -57,14 +57,14 @@ def test_json_and_stats(model):
     assert out["tokens"] == 6 and out["finish_reason"] == "length" and isinstance(out["text"], str)
     assert set(out["timings"]) == {"time_to_first_token_s", "prompt_tokens_per_s", "generation_tokens_per_s"}
     result = run("generate", "-m", str(model), "Hello", "-t", "0", "-n", "4", "--stats")
-    assert "answer: 4 tokens" in result.stderr.decode() and "first token" in result.stderr.decode()
+    assert "answer: 4 tokens" in result.stderr and "first token" in result.stderr
 
 
 def test_stdin_is_the_prompt_and_comes_before_the_argument(model):
     tokenizer = Tokenizer(model)
-    alone = generate_json(model, "-n", "2", stdin=b"notes from stdin\n")
+    alone = generate_json(model, "-n", "2", stdin="notes from stdin\n")
     assert alone["prompt_tokens"] == len(tokenizer.encode_chat([{"role": "user", "content": "notes from stdin"}]))
-    both = generate_json(model, "Summarize:", "-n", "2", stdin=b"notes from stdin\n")
+    both = generate_json(model, "Summarize:", "-n", "2", stdin="notes from stdin\n")
     combined = "notes from stdin\n\nSummarize:"
     assert both["prompt_tokens"] == len(tokenizer.encode_chat([{"role": "user", "content": combined}]))
 
@@ -89,7 +89,7 @@ def test_stop_string_is_not_printed(model):
 
 def test_invalid_utf8_and_nul_bytes_on_stdin(model):
     result = run("generate", "-m", str(model), "-t", "0", "-n", "2", stdin=b"caf\xe9 \x00 ok\xff")
-    assert result.returncode == 0, result.stderr.decode()
+    assert result.returncode == 0, result.stderr
 
 
 def test_reader_going_away_is_quiet(model):
@@ -117,8 +117,8 @@ def test_head_closes_the_pipe_early(model):
     (["--bogus"], "No such option"),
     (["--top-p", "x"], "Invalid value for '--top-p'"),
 ])
-def test_invalid_flags_are_usage_errors_before_loading(flags, message):
-    result = run("generate", "-m", "/does/not/matter", "hi", *flags)
+def test_invalid_flags_are_usage_errors_before_loading(capsys, flags, message):
+    result = run_in_process(capsys, "generate", "-m", "/does/not/matter", "hi", *flags)
     assert_clean_error(result, 2, message)
 
 
@@ -127,14 +127,14 @@ def test_missing_model_folder():
 
 
 def test_empty_stdin_without_argument(model):
-    assert_clean_error(run("generate", "-m", str(model), stdin=b"  \n"), 1, "the prompt is empty")
+    assert_clean_error(run("generate", "-m", str(model), stdin="  \n"), 1, "the prompt is empty")
 
 
 def test_no_prompt_on_a_terminal_is_an_error_not_a_hang(model):
     leader, follower = pty.openpty()
     try:
         result = subprocess.run([sys.executable, "-m", "localgpt", "generate", "-m", str(model)], stdin=follower,
-                                capture_output=True, timeout=60)
+                                capture_output=True, text=True, timeout=60)
     finally:
         os.close(leader)
         os.close(follower)
@@ -145,12 +145,12 @@ def test_prompt_longer_than_the_context(model):
     long_prompt = "word " * 400
     assert_clean_error(run("generate", "-m", str(model), long_prompt, "--raw"), 1, "model's context is 256 tokens")
     result = run("generate", "-m", str(model), long_prompt, "--raw", "--truncate", "-n", "2", "-t", "0")
-    assert result.returncode == 0 and "kept its last" in result.stderr.decode()
+    assert result.returncode == 0 and "kept its last" in result.stderr
 
 
 def test_debug_shows_the_traceback():
     result = run("generate", "-m", "/no/such/folder", "hi", env={"LOCALGPT_DEBUG": "1"})
-    assert result.returncode != 0 and "Traceback" in result.stderr.decode()
+    assert result.returncode != 0 and "Traceback" in result.stderr
 
 
 @pytest.fixture
@@ -228,7 +228,25 @@ def test_build_prompt_rules():
         build_prompt(None, "   ")
 
 
-def test_help_is_fast_and_lists_generate():
-    result = run("--help")
-    assert result.returncode == 0 and b"generate" in result.stdout
-    assert run().returncode == 0  # no arguments: help, not an error
+def test_help_version_and_usage_errors_answer_without_torch():
+    """`--help`, `--version`, no command at all and a bad flag answer without importing torch (seconds on a
+    small machine); in a fresh interpreter, since this one has torch loaded already."""
+    script = ("import sys\nfrom localgpt.cli import main\n"
+              "try:\n    main(sys.argv[1:])\nexcept SystemExit as exit:\n"
+              "    print('exit', exit.code, 'torch' in sys.modules, file=sys.stderr)\n")
+    answers = {}
+    for args in (["--help"], [], ["--version"], ["-V"], ["generate", "hi", "-t", "-1"], ["chat", "--top-p", "2"],
+                 ["bench", "--dtype", "float8"], ["generate", "hi", "-q", "3"]):
+        result = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=60)
+        answers[" ".join(args)] = result
+        assert result.stderr.splitlines()[-1].split()[2] == "False", (args, result.stderr)  # torch not imported
+    for args in ("--help", ""):
+        assert answers[args].stdout.count("generate") >= 1 and answers[args].stderr.split()[-2] == "0"
+    from localgpt import __version__
+
+    assert answers["--version"].stdout == answers["-V"].stdout == f"localgpt {__version__}\n"
+    for args, message in [("generate hi -t -1", "--temperature must be >= 0"), ("chat --top-p 2", "--top-p must be"),
+                          ("bench --dtype float8", "--dtype must be one of"),
+                          ("generate hi -q 3", "quantization must be one of")]:
+        stderr = answers[args].stderr.splitlines()
+        assert stderr[0].startswith("Error: ") and message in stderr[0] and stderr[1] == "exit 2 False", stderr

@@ -87,13 +87,13 @@ def test_generate_compile_flag(tmp_path):
     without_kernels = {"LOCALGPT_NATIVE": "0"}
     eager = run(*command, env=without_kernels, timeout=300)
     compiled = run(*command, "--compile", env=without_kernels, timeout=300)
-    assert compiled.returncode == 0, compiled.stderr.decode()
+    assert compiled.returncode == 0, compiled.stderr
     assert compiled.stdout == eager.stdout
-    assert "compiling the decode step" in compiled.stderr.decode()  # the user is told before the wait
+    assert "compiling the decode step" in compiled.stderr  # the user is told before the wait
     if native.library() is not None:  # where the kernels run, the flag is declined in one line
         skipped = run(*command, "--compile", timeout=300)
         assert skipped.returncode == 0 and skipped.stdout == eager.stdout
-        assert skipped.stderr.decode().splitlines() == ["localgpt: --compile skipped: the native kernels decode "
+        assert skipped.stderr.splitlines() == ["localgpt: --compile skipped: the native kernels decode "
                                                          "faster than a compiled step here"]
 
 

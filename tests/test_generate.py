@@ -90,10 +90,16 @@ def test_reused_cache_gives_the_same_tokens(tiny):
 
 
 def test_seed_makes_sampling_repeatable(tiny):
-    options = SamplingOptions(temperature=1.0, top_p=0.95, seed=1234)
+    """The same seed gives the same tokens; other seeds give other ones, and not greedy's (so it samples)."""
     prompt = tiny.tokenizer.encode("Once")
-    runs = [list(generate_tokens(tiny.model, prompt, options, 12)) for _ in range(2)]
-    assert runs[0] == runs[1]
+
+    def sampled(seed: int) -> list[int]:
+        options = SamplingOptions(temperature=1.0, top_p=0.95, seed=seed)
+        return list(generate_tokens(tiny.model, prompt, options, 12))
+
+    assert sampled(1234) == sampled(1234)
+    others = {tuple(sampled(seed)) for seed in range(5)}
+    assert len(others) > 1 and tuple(generate_tokens(tiny.model, prompt, GREEDY, 12)) not in others
 
 
 def test_long_prompt_prefills_in_chunks(tiny, monkeypatch):

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import smollm2
+from helpers import run_cli
 from localgpt.cli import gguf_stem
 from localgpt.errors import ModelError
 from localgpt.gguf import convert, unpermute_qk
@@ -23,8 +21,7 @@ MULTILINGUAL = "Hello, world! Grüß Gott — 東京は日本の首都です。 
 
 
 def run(*args, env=None, timeout=600):
-    return subprocess.run([sys.executable, "-m", "localgpt", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL)
+    return run_cli(*args, env=env, timeout=timeout, stdin=None)
 
 
 def test_unpermute_inverts_llama_cpp_permutation():
@@ -43,10 +40,11 @@ def test_default_output_name_drops_the_quantization(name, stem):
     assert gguf_stem(name) == stem
 
 
-def test_truncated_file_is_a_clear_error_and_writes_nothing(tmp_path):
+@pytest.mark.parametrize("keep", [0.5, 0.02])  # cut inside the tensor data; inside the metadata
+def test_truncated_file_is_a_clear_error_and_writes_nothing(tmp_path, tiny_gguf, keep):
     truncated = tmp_path / "bad.gguf"
-    with open(smollm2.gguf_path(), "rb") as source:
-        truncated.write_bytes(source.read(1_000_000))
+    data = tiny_gguf.read_bytes()
+    truncated.write_bytes(data[: int(len(data) * keep)])
     result = run("convert", str(truncated), "-o", str(tmp_path / "out"))
     errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
     assert result.returncode == 1 and len(errors) == 1 and "Traceback" not in result.stderr

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from fake_hub import FakeHub
 
-from helpers import tiny_model
+from helpers import run_cli, tiny_model
 from localgpt import hub as hub_module
 from localgpt.errors import ModelError
 
@@ -52,10 +52,7 @@ def fake_hub(model_folder, tmp_path, monkeypatch):
 
 
 def run(*args, env=None, timeout=120):
-    environment = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
-    environment.update(env or {})
-    return subprocess.run([sys.executable, "-m", "localgpt", *args], capture_output=True, text=True, timeout=timeout,
-                          env=environment, stdin=subprocess.DEVNULL)
+    return run_cli(*args, env=env, timeout=timeout, stdin=None, offline=False)
 
 
 def snapshot_file(result, name: str) -> Path:

@@ -5,6 +5,7 @@ build (once, atomic, cached by what it was built from) and every way of falling 
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import tiny_model
+from helpers import run_cli, tiny_model
 from localgpt import native
 from localgpt.config import load_config
 from localgpt.model import MLP, Attention, RMSNorm
@@ -31,9 +32,35 @@ def bf16_kernels() -> bool:
     return native.library() is not None and bool(native.library().lg_has_bf16())
 
 
-def test_kernels_build_wherever_they_can_run():
-    """On a machine with AVX-512 and a compiler (CI's), a broken kernels.c must fail here, not fall back quietly."""
-    assert (native.library() is not None) == CAN_RUN
+@pytest.mark.skipif(native.find_compiler() is None or platform.machine() != "x86_64", reason="no x86-64 C compiler")
+@pytest.mark.parametrize("isa", sorted(native.ISA_BUILDS))
+def test_kernels_compile_for_every_instruction_set_they_claim(tmp_path, isa):
+    """On any x86-64 host, AVX-512 or not: kernels.c builds with exactly the flags the run-time gate checks (a
+    use of any other extension breaks this build), and the bfloat16 build has its bfloat16 products."""
+    flags = [*native.ISA_BUILDS[isa], "-O2", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC"]
+    library = tmp_path / f"kernels-{isa}.so"
+    result = subprocess.run([native.find_compiler(), *flags, str(native.SOURCE), "-o", str(library)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    symbols = subprocess.run(["nm", "-D", "--defined-only", str(library)], capture_output=True, text=True).stdout
+    assert "lg_decoder_block_f32" in symbols and "lg_attention_bf16" in symbols
+    assert ("lg_linear_bf16" in symbols) == isa.endswith("bf16")
+
+
+@needs_native
+def test_kernels_load_wherever_they_can_run():
+    """On a machine with AVX-512 and a compiler, a broken kernels.c must fail here, not fall back quietly."""
+    assert native.library() is not None
+    assert bool(native.library().lg_has_bf16()) == (native.BF16_FLAG in native.cpu_flags())
+
+
+def test_masked_flags_reproduce_a_cpu_without_them():
+    """LOCALGPT_CPU_FLAGS_MASK hides flags from the gate and from -march=native, on any machine."""
+    script = ("from localgpt import native; print(sorted(native.REQUIRED_FLAGS & native.cpu_flags()), "
+              "native.library() is None, native.compile_flags()[-1])")
+    without_avx512 = run_python(script, LOCALGPT_CPU_FLAGS_MASK="avx512f,avx512bw")
+    assert without_avx512.stdout.split() == ["['avx512vl']" if "avx512vl" in native.cpu_flags() else "[]",
+                                             "True", "-mno-avx512f"], without_avx512.stderr
 
 
 @needs_native
@@ -199,15 +226,26 @@ def run_python(code: str, **env) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env})
 
 
-def test_off_switch_keeps_torch_ops(tmp_path):
+@needs_native
+@pytest.mark.parametrize("switch", [{"LOCALGPT_NATIVE": "0"}, {"LOCALGPT_CPU_FLAGS_MASK": "avx512f"}])
+def test_off_switch_and_a_cpu_without_avx512_keep_torch_ops(tmp_path, switch):
+    """Where the kernels run, the switch (or a CPU without AVX-512, reproduced by the mask) gives torch's ops."""
     tiny_model(tmp_path, "llama")
     script = ("import torch; from localgpt.weights import load_weights; from localgpt.config import load_config; "
               "from localgpt import native; from localgpt.model import Linear; from pathlib import Path; "
               f"m = load_weights(Path({str(tmp_path)!r}), load_config(Path({str(tmp_path)!r})), torch.float32, "
               "torch.device('cpu')); print(native.library() is None, any(x.native for x in m.modules() "
               "if isinstance(x, Linear)))")
-    result = run_python(script, LOCALGPT_NATIVE="0")
+    assert run_python(script).stdout.split() == ["False", "True"]  # without the switch: native products
+    result = run_python(script, **switch)
     assert result.stdout.split() == ["True", "False"], result.stderr
+
+
+@needs_native
+def test_a_cpu_without_avx512_bf16_builds_float32_kernels_only():
+    result = run_python("from localgpt import native; print(bool(native.library().lg_has_bf16()))",
+                        LOCALGPT_CPU_FLAGS_MASK=native.BF16_FLAG)
+    assert result.stdout.strip() == "False" and result.stderr == "", result.stderr
 
 
 @needs_native
@@ -261,6 +299,7 @@ def test_whole_layer_kernel_gives_the_per_op_bits(tmp_path, variant, dtype):
         assert torch.equal(whole, per_op)
 
 
+@needs_native
 def test_layers_without_a_native_path_keep_torch_ops(tmp_path):
     for variant in ("gpt2", "gemma2", "qwen3", "gemma"):  # LayerNorm; sandwich norms; q/k norms; GELU
         folder = tmp_path / variant
@@ -271,21 +310,24 @@ def test_layers_without_a_native_path_keep_torch_ops(tmp_path):
 
 
 def test_cli_answers_the_same_with_and_without_kernels(tmp_path):
-    """Through the real CLI: a compiler that fails gives one notice and the same greedy answer as the kernels
-    (float32 on a tiny model: the same tokens), and LOCALGPT_NATIVE=0 says nothing at all."""
-    from test_cli import run
-
+    """Through the real CLI: the kernels (where this CPU runs them), LOCALGPT_NATIVE=0, a CPU without AVX-512
+    (masked) and a compiler that fails all give the same greedy answer (float32 on a tiny model: the same tokens).
+    Only the failing compiler says anything, in one notice, and only where the kernels would otherwise run."""
     tiny_model(tmp_path, "llama", tokenizer=True, eos_token_id=None)
     answers = {}
-    for name, env in {"native": {}, "failing compiler": {"CC": "/bin/false"}, "off": {"LOCALGPT_NATIVE": "0"}}.items():
-        result = run("generate", "-m", str(tmp_path), "Hello", "-t", "0", "-n", "12",
-                     env={**env, "LOCALGPT_HOME": str(tmp_path / f"home-{len(answers)}")})
-        assert result.returncode == 0, result.stderr.decode()
-        answers[name] = (result.stdout, result.stderr.decode())
-    assert answers["native"][0] == answers["failing compiler"][0] == answers["off"][0]
-    assert answers["native"][1] == "" and answers["off"][1] == ""
+    for name, env in {"native": {}, "failing compiler": {"CC": "/bin/false"}, "off": {"LOCALGPT_NATIVE": "0"},
+                      "no avx512": {"LOCALGPT_CPU_FLAGS_MASK": "avx512f"}}.items():
+        result = run_cli("generate", "-m", str(tmp_path), "Hello", "-t", "0", "-n", "12",
+                         env={**env, "LOCALGPT_HOME": str(tmp_path / f"home-{len(answers)}")})
+        assert result.returncode == 0, result.stderr
+        answers[name] = (result.stdout, result.stderr)
+    assert len({stdout for stdout, _ in answers.values()}) == 1, answers
+    assert answers["native"][1] == answers["off"][1] == answers["no avx512"][1] == ""
     notice = answers["failing compiler"][1]
-    assert notice.count("native kernels unavailable") == 1 and len(notice.splitlines()) == 1
+    if CAN_RUN:
+        assert notice.count("native kernels unavailable") == 1 and len(notice.splitlines()) == 1
+    else:  # no kernels to build on this CPU: the compiler is never asked, so there is nothing to say
+        assert notice == ""
 
 
 def test_the_wheel_carries_the_kernel_source(tmp_path):
@@ -299,13 +341,15 @@ def test_the_wheel_carries_the_kernel_source(tmp_path):
     result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", str(project), "-w",
                              str(tmp_path / "wheels")], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    (wheel,) = (tmp_path / "wheels").glob("localgpt-*.whl")
+    (wheel,) = (tmp_path / "wheels").glob("localgpt_cli-*.whl")
     assert "localgpt/kernels.c" in zipfile.ZipFile(wheel).namelist()
 
 
+@needs_native
 def test_heads_wider_than_the_attention_kernel_keep_torch_attention(tmp_path, monkeypatch):
     monkeypatch.setattr(native, "MAX_HEAD_DIM", 8)  # tiny llama's heads are 16 wide
     tiny_model(tmp_path, "llama")
     model = load_weights(tmp_path, load_config(tmp_path), torch.float32, torch.device("cpu"))
     assert not any(layer.attn.native for layer in model.layers)
+    assert all(layer.attn.qkv_proj.native for layer in model.layers)  # the products still run natively
     assert all(layer.native is None for layer in model.layers)  # the whole-layer kernel needs native attention
