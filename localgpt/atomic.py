@@ -36,6 +36,9 @@ def atomic_folder(target: Path, force: bool = False) -> Iterator[Path]:
             yield scratch
         except OSError as exc:  # a full disk or a lost mount while writing: the scratch folder goes, not the target
             raise ModelError(f"cannot write {target}: {exc.strerror or exc} — nothing was written") from None
+        for written in scratch.rglob("*"):  # safetensors writes its files 0600: ordinary files follow the umask
+            if written.is_file():
+                os.chmod(written, 0o666 & ~umask)
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)

@@ -115,7 +115,7 @@ def run_transformers(model: str, dtype: str, quantize: str | None, prompt_tokens
     try:
         from transformers import AutoModelForCausalLM
     except ImportError:
-        raise UsageError("--compare transformers needs transformers: pip install 'localgpt[bench]'") from None
+        raise UsageError("--compare transformers needs transformers: pip install 'localgpt-cli[bench]'") from None
     from localgpt.hub import resolve
 
     folder = resolve(model)

@@ -13,7 +13,7 @@ import sys
 import typer
 
 from localgpt import interrupts
-from localgpt.errors import Interrupted, LocalGPTError, PromptError, UsageError
+from localgpt.errors import Interrupted, LocalGPTError, ModelError, PromptError, ReaderGone, UsageError
 from localgpt.settings import (
     DEFAULT_MAX_TOKENS,
     DEFAULT_TEMPERATURE,
@@ -23,6 +23,12 @@ from localgpt.settings import (
     SamplingOptions,
     check_quantize_choice,
 )
+
+# Typer 0.29 prints a type after every option, `<bool>` after on/off flags (`--raw <bool>`), as if they took a
+# value: flags show none.
+if hasattr(typer.core.TyperOption, "display_type_rich"):
+    _display_type = typer.core.TyperOption.display_type_rich
+    typer.core.TyperOption.display_type_rich = lambda self, ctx: "" if self.is_flag else _display_type(self, ctx)
 
 app = typer.Typer(
     name="localgpt",
@@ -45,7 +51,7 @@ COMPILE_OPTION = typer.Option(
          "run: they are faster.",
 )
 QUANTIZE_OPTION = typer.Option(
-    None, "--quantize", "-q", help="Quantize while loading: 8 | 4 (nf4) | nf4 | fp4 (needs localgpt[quant]).",
+    None, "--quantize", "-q", help="Quantize while loading: 8 | 4 (nf4) | nf4 | fp4 (needs localgpt-cli[quant]).",
 )
 
 
@@ -132,6 +138,8 @@ def command(function=None, *, name: str | None = None):
                 return function(*args, **kwargs)
             except KeyboardInterrupt:
                 raise Interrupted("interrupted") from None
+            except BrokenPipeError:  # ours to answer: Typer would turn it into a silent exit 1
+                raise ReaderGone("stdout closed") from None
 
         return app.command(name=name)(wrapper)
 
@@ -151,7 +159,7 @@ def generate(
     min_p: float | None = typer.Option(None, "--min-p", help="Drop tokens below min_p x the top probability."),
     repetition_penalty: float | None = typer.Option(None, "--repetition-penalty", help="Above 1 discourages repeats."),
     seed: int | None = typer.Option(None, "--seed", help="Random seed, for repeatable sampling."),
-    stop: list[str] = typer.Option([], "--stop", help="Stop when this text appears (repeatable)."),
+    stop: list[str] = typer.Option([], "--stop", metavar="<text>", help="Stop when this text appears (repeatable)."),
     system: str | None = typer.Option(None, "--system", "-s", help="System prompt (chat models)."),
     raw: bool = typer.Option(False, "--raw", help="Send the prompt as-is, without the chat template."),
     truncate: bool = typer.Option(False, "--truncate", help="Keep the end of a prompt longer than the context."),
@@ -332,17 +340,17 @@ def main(argv: list[str] | None = None) -> None:
             raise
         message = exc.format_message().replace("\n", " ") if hasattr(exc, "format_message") else str(exc)
         code = report_error(message, getattr(exc, "exit_code", 2))
+    except (BrokenPipeError, ReaderGone):
+        # The reader went away (`| head`): stop quietly, and keep Python from complaining while it exits.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        code = 141
     except LocalGPTError as exc:
         if debug:
             raise
         if isinstance(exc, Interrupted):
             sys.stderr.write("\n")
         code = report_error(str(exc), exc.exit_code)
-    except BrokenPipeError:
-        # The reader went away (`| head`): stop quietly, and keep Python from complaining while it exits.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        code = 141
     except MemoryError:
         code = report_error("out of memory — try a smaller model, --dtype bfloat16, or a shorter prompt", 1)
     except Exception as exc:  # a bug of ours: still one line, with the way to see more
@@ -355,7 +363,7 @@ def main(argv: list[str] | None = None) -> None:
 
 @command
 def download(
-    repo_id: str = typer.Argument(..., help="Hub repo id, ORG/NAME."),
+    repo_id: str = typer.Argument(..., metavar="ORG/NAME", help="Hub repo id, ORG/NAME."),
     revision: str | None = typer.Option(None, "--revision", help="Branch, tag or commit."),
 ):
     """Download a model from the Hugging Face hub (safetensors only) into the HF cache."""
@@ -367,7 +375,7 @@ def download(
 
 @command
 def convert(
-    gguf_file: str = typer.Argument(..., help="A .gguf file (llama or qwen2 architecture)."),
+    gguf_file: str = typer.Argument(..., metavar="FILE.gguf", help="A .gguf file (llama or qwen2 architecture)."),
     output: str | None = typer.Option(
         None, "--output", "-o", help="Folder to write. Default: LOCALGPT_HOME/models/NAME."
     ),
@@ -377,13 +385,19 @@ def convert(
     """Convert a GGUF file into a Hugging Face style model folder that localgpt (and transformers) can load."""
     from pathlib import Path
 
+    from localgpt.atomic import refuse_existing
+    from localgpt.gguf import check_gguf_counts
     from localgpt.gguf import convert as convert_gguf
     from localgpt.hub import writable_models_dir
 
     if dtype not in ("bfloat16", "float32"):
         raise UsageError(f"--dtype must be bfloat16 or float32, not {dtype!r}")
     source = Path(gguf_file).expanduser()
+    if not source.is_file():
+        raise ModelError(f"no GGUF file at {source} — check the path")
+    check_gguf_counts(source)  # refused before saying "converting"
     target = Path(output).expanduser() if output else writable_models_dir() / gguf_stem(source.name)
+    refuse_existing(target, force)
     print(f"localgpt: converting {source} → {target}", file=sys.stderr)
     convert_gguf(source, target, dtype=dtype, force=force)
     print(target)
@@ -411,7 +425,7 @@ def quantize(
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N (where to quantize)."),
 ):
-    """Write an 8-bit or 4-bit copy of a model through bitsandbytes (needs localgpt[quant]).
+    """Write an 8-bit or 4-bit copy of a model through bitsandbytes (needs localgpt-cli[quant]).
 
     On CPU quantization is for memory, not speed: bitsandbytes' CPU kernels dequantize inside every product, so
     8-bit decodes at about 40% of float32's speed, 4-bit at about 60% of bfloat16's, and both read prompts
@@ -476,7 +490,8 @@ def bench(
     quantize: str | None = QUANTIZE_OPTION,
     repeats: int = typer.Option(3, "--repeats", help="Runs per implementation; the best figures are kept."),
     compare: list[str] = typer.Option(
-        [], "--compare", help="Also run transformers (localgpt[bench]) or llama.cpp (llama-cpp-python, needs --gguf)."
+        [], "--compare", metavar="<name>",
+        help="Also run transformers (localgpt-cli[bench]) or llama.cpp (llama-cpp-python, needs --gguf).",
     ),
     gguf: str | None = typer.Option(None, "--gguf", help="The GGUF file llama.cpp runs (the same model)."),
     compile_step: bool = COMPILE_OPTION,
@@ -502,7 +517,7 @@ def bench(
         raise UsageError("--compare llama.cpp needs --gguf FILE, a GGUF of the same model")
     import importlib.util
 
-    needs = {"transformers": ("transformers", "pip install 'localgpt[bench]'"),
+    needs = {"transformers": ("transformers", "pip install 'localgpt-cli[bench]'"),
              "llama.cpp": ("llama_cpp", "pip install llama-cpp-python")}
     for name in compare:
         module, install = needs[name]
@@ -556,16 +571,14 @@ def list_models(as_json: bool = typer.Option(False, "--json", help="JSON for scr
         print("No models yet. 'localgpt generate \"hi\"' fetches the default; "
               "'localgpt download ORG/NAME' gets others.")
         return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(box=None, header_style="bold")
-    for column in ("NAME", "ARCH", "PARAMS", "DTYPE", "SIZE", "WHERE"):
-        table.add_column(column)
-    for e in entries:
-        table.add_row(e.name, e.architecture, f"{e.parameters / 1e6:.0f}M", e.quantization or e.dtype,
-                      human_size(e.size_bytes), e.path)
-    Console().print(table)
+    # Plain aligned columns, one model a line, as `ollama list` prints them: nothing is cut at any width (a name
+    # is what -m takes), and a pipe gets the same text with no escape codes.
+    rows = [("NAME", "ARCH", "PARAMS", "DTYPE", "SIZE", "WHERE")] + [
+        (e.name, e.architecture, f"{e.parameters / 1e6:.0f}M", e.quantization or e.dtype, human_size(e.size_bytes),
+         e.path) for e in entries]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[-1])
 
 
 @command

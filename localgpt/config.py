@@ -90,13 +90,13 @@ class ModelConfig:
 def read_json(path: Path, what: str) -> dict[str, Any]:
     """Read a JSON object file with an error that names the file."""
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()  # decoded below: bad UTF-8 is one more way for the file not to be JSON
     except FileNotFoundError:
         raise ModelError(f"no {path.name} in {path.parent} — is this a model folder?") from None
     except OSError as exc:
         raise ModelError(f"cannot read {path}: {exc.strerror}") from None
     try:
-        value = json.loads(text)
+        value = json.loads(data.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelError(f"{path} is not valid JSON ({exc}) — the {what} is corrupt; download it again") from None
     if not isinstance(value, dict):

@@ -29,3 +29,9 @@ class Interrupted(LocalGPTError):
     """Ctrl-C."""
 
     exit_code = 130
+
+
+class ReaderGone(LocalGPTError):
+    """stdout's reader went away (`| head`): the command stops quietly, exit 141 as for SIGPIPE."""
+
+    exit_code = 141

@@ -73,13 +73,32 @@ def check_gguf_counts(path: Path) -> None:
     """The fixed header (magic, version, tensor count, key count), checked before anything else is read."""
     with open(path, "rb") as file:
         head = file.read(24)
-    if len(head) < 24 or head[:4] != b"GGUF":
+    if head[:4] != b"GGUF":
+        kind = file_kind(head)
+        if kind:
+            raise ModelError(f"{path} is not a GGUF file: it is {kind}")
         raise ModelError(f"{path} is not a valid GGUF file (no GGUF header) — is it truncated? Download it again")
+    if len(head) < 24:
+        raise ModelError(f"{path} is not a valid GGUF file (its header is cut short) — is it truncated? Download it "
+                         "again")
     version = int.from_bytes(head[4:8], "little")
     tensors, keys = int.from_bytes(head[8:16], "little"), int.from_bytes(head[16:24], "little")
     if version not in (2, 3) or tensors > MAX_GGUF_TENSORS or keys > MAX_GGUF_KEYS:
         raise ModelError(f"{path} is not a valid GGUF file (version {version}, {tensors} tensors, {keys} metadata "
                          "keys) — is it damaged? Download it again")
+
+
+def file_kind(head: bytes) -> str | None:
+    """What a file that is not GGUF is, from its first bytes, when it is something a user may mistake for one."""
+    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100 * 2**20:
+        return "a safetensors file — point -m at the folder that holds it, no conversion needed"
+    if head[:4] == b"PK\x03\x04":
+        return "a zip archive (a PyTorch pickle checkpoint, say), which localgpt never loads"
+    if head[:4] in (b"lmgg", b"fmgg", b"tjgg"):  # GGML, GGMF and GGJT, GGUF's predecessors, little-endian magics
+        return "an old GGML/GGJT model — convert it to GGUF with llama.cpp first"
+    if head[:1] == b"{":
+        return "a JSON file"
+    return None
 
 
 def _field(reader, key: str, default: Any = None) -> Any:

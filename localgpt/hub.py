@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from localgpt.errors import LocalGPTError, ModelError
+from localgpt.errors import LocalGPTError, ModelError, UsageError
 
 DEFAULT_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_LOCAL_NAME = "SmolLM2-135M-Instruct"
@@ -162,6 +162,15 @@ class HubUnreachable(ModelError):
         self.detail = detail
 
 
+class HubOffline(HubUnreachable):
+    """HF_HUB_OFFLINE=1 and the repo is not in the cache: telling the user to set it would be no help."""
+
+    def __init__(self, repo_id: str):
+        super().__init__("offline mode")
+        self.args = (f"'{repo_id}' is not in the Hugging Face cache, and HF_HUB_OFFLINE=1 keeps localgpt off the hub "
+                     "— unset it to download",)
+
+
 @dataclass
 class RemoteFile:
     name: str
@@ -185,7 +194,9 @@ def _hub_error(exc: Exception, repo_id: str) -> Exception:
         if status == 404 or isinstance(exc, errors.RepositoryNotFoundError):
             return ModelError(f"no model '{repo_id}' on the hub — check the name")
         return ModelError(f"the hub answered {status} for '{repo_id}' — try again later")
-    if isinstance(exc, (errors.OfflineModeIsEnabled, errors.LocalEntryNotFoundError, OSError)):
+    if isinstance(exc, errors.OfflineModeIsEnabled):
+        return HubOffline(repo_id)
+    if isinstance(exc, (errors.LocalEntryNotFoundError, OSError)):
         return HubUnreachable(str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
     name = type(exc).__name__
     if "Connect" in name or "Timeout" in name or "Network" in name:
@@ -225,7 +236,7 @@ def download(repo_id: str, revision: str | None = None, notify: Notify = _stderr
     from huggingface_hub import constants
 
     if not REPO_ID.match(repo_id):
-        raise ModelError(f"'{repo_id}' is not a hub repo id — expected ORG/NAME")
+        raise UsageError(f"'{repo_id}' is not a hub repo id — expected ORG/NAME")
     sha, files = remote_files(repo_id, revision)
     repo_dir = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
     snapshot = repo_dir / "snapshots" / sha

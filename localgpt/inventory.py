@@ -44,8 +44,8 @@ def folder_size(path: Path) -> int:
 
 def describe(path: Path, name: str | None = None, where: str = "folder") -> ModelEntry:
     """Everything `show` prints, from the config and the safetensors headers (no weights are read)."""
+    from localgpt.checkpoint import checkpoint_files, quantized_weight_key, read_safetensors_header
     from localgpt.config import read_json
-    from localgpt.weights import checkpoint_files, quantized_weight_key, read_safetensors_header
 
     raw = read_json(path / "config.json", "model config")
     parameters, dtypes = 0, Counter()
@@ -62,7 +62,7 @@ def describe(path: Path, name: str | None = None, where: str = "folder") -> Mode
             if key in four_bit:
                 count *= 2  # two 4-bit values per stored byte
             parameters += count
-            dtypes[str(entry.dtype).removeprefix("torch.")] += count
+            dtypes[entry.dtype] += count
     quantization = raw.get("quantization_config") or None
     quant_label = None
     if isinstance(quantization, dict):

@@ -35,7 +35,7 @@ BLOCKSIZE = 64  # bitsandbytes' 4-bit block on CPU and CUDA; transformers writes
 # makes by keeping attn_v at higher precision.
 DEFAULT_SKIP = {8: ("lm_head",), 4: ("lm_head", "q_proj", "k_proj", "v_proj")}
 DEFAULT_INT8_THRESHOLD = 1.5
-INSTALL_HINT = "pip install 'localgpt[quant]'"
+INSTALL_HINT = "pip install 'localgpt-cli[quant]'"
 # Checkpoint tensor names that carry a quantized weight's statistics, by the suffix after the weight's module.
 FOUR_BIT_STATS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 STAT_PREFIX = "quant_state.bitsandbytes__"

@@ -102,3 +102,41 @@ def test_config_fuzz_covers_every_family():
     for model_type in MODEL_TYPES[1:]:
         if model_type != "bert":
             config_from_dict(json.loads(json.dumps(valid_config(model_type))))
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    from helpers import tiny_model
+
+    folder = tmp_path_factory.mktemp("fuzz-model")
+    tiny_model(folder, "llama", tokenizer=True)
+    (folder / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
+    return folder
+
+
+MODEL_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+               "chat_template.jinja", "model.safetensors"]
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(name=st.sampled_from(MODEL_FILES), content=st.binary(max_size=64) | st.sampled_from(
+    [b"\xff\xfe{}", b'{"a": "\xe9"}', b"\x00" * 16, b"{}", b"[]", b"null", b"\xef\xbb\xbf{}"]))
+@example(name="config.json", content=b"\x8b\x12 random \xff bytes")  # was "unexpected UnicodeDecodeError … a bug"
+def test_random_bytes_in_any_model_file(tiny_folder, tmp_path_factory, capsys, monkeypatch, name, content):
+    """Every file localgpt reads from a model folder, replaced by random bytes: the command works or says what is
+    wrong in one line of its own — never "a bug in localgpt"."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("fuzzed")
+    shutil.copytree(tiny_folder, folder, dirs_exist_ok=True)
+    (folder / name).write_bytes(content)
+    monkeypatch.setattr("sys.stdin", open("/dev/null"))  # noqa: SIM115
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "-m", str(folder), "hello", "-n", "2", "-t", "0"])
+    captured = capsys.readouterr()
+    if exit_info.value.code == 0:
+        return
+    assert exit_info.value.code == 1, captured.err
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), captured.err
+    assert "a bug in localgpt" not in captured.err, captured.err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -273,3 +274,29 @@ def test_mutated_gguf_headers_give_our_error_or_convert(tiny_gguf, tmp_path, dat
     except ModelError:
         assert not output.exists()  # nothing half-written
     assert time.monotonic() - start < 20
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_written_files_follow_the_umask(tmp_path, tiny_gguf, umask):
+    """model.safetensors came out 0600 beside 0644 configs: another user or container could not read the model."""
+    previous = os.umask(umask)
+    try:
+        convert(tiny_gguf, tmp_path / "out", dtype="float32")
+    finally:
+        os.umask(previous)
+    modes = {path.name: path.stat().st_mode & 0o777 for path in (tmp_path / "out").iterdir()}
+    assert "model.safetensors" in modes and set(modes.values()) == {0o666 & ~umask}, modes
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_convert_refuses_before_saying_it_converts(tmp_path, tiny_gguf):
+    """A safetensors file is named as one (not "truncated? Download it again"), an existing output needs --force,
+    and neither prints "converting X → Y" first."""
+    from helpers import assert_clean_error, tiny_model
+
+    tiny_model(tmp_path / "hf", "llama")
+    result = run("convert", str(tmp_path / "hf" / "model.safetensors"), "-o", str(tmp_path / "out"))
+    assert_clean_error(result, 1, "is not a GGUF file: it is a safetensors file — point -m at the folder")
+    (tmp_path / "taken").mkdir()
+    assert_clean_error(run("convert", str(tiny_gguf), "-o", str(tmp_path / "taken")), 1, "pass --force")
+    assert not (tmp_path / "out").exists()

@@ -222,3 +222,25 @@ def test_list_show_rm(fake_hub):
     assert removed.returncode == 0, removed.stderr
     assert json.loads(run("list", "--json", env=fake_hub.env).stdout) == []
     assert run("rm", "/etc", "--yes", env=fake_hub.env).returncode == 1
+
+
+def test_download_usage_and_offline_errors(capsys):
+    """A name that is no repo id is a usage error (2); offline, a repo that is not cached says so, instead of
+    telling the user to set the HF_HUB_OFFLINE=1 they already set."""
+    from helpers import assert_clean_error
+    from test_cli import run_in_process
+
+    assert_clean_error(run_in_process(capsys, "download", "notarepo"), 2, "'notarepo' is not a hub repo id")
+    offline = run_in_process(capsys, "download", "some/repo")  # the suite runs with HF_HUB_OFFLINE=1
+    assert_clean_error(offline, 1, "'some/repo' is not in the Hugging Face cache, and HF_HUB_OFFLINE=1 keeps")
+
+
+def test_list_never_cuts_names_or_paths(tmp_path):
+    """At 80 columns, or piped: one model a line, its whole name (what -m takes) and its whole path."""
+    long_name = "SmolLM2-135M-Instruct-with-a-name-much-longer-than-any-column-q4"
+    tiny_model(tmp_path / "home" / "models" / long_name, "llama", tokenizer=True)
+    result = run("list", env={"LOCALGPT_HOME": str(tmp_path / "home"), "COLUMNS": "80"})
+    lines = result.stdout.splitlines()
+    assert result.returncode == 0 and len(lines) == 2 and lines[0].split()[0] == "NAME", result.stdout
+    assert lines[1].split()[0] == long_name and lines[1].endswith(str(tmp_path / "home" / "models" / long_name))
+    assert "\x1b" not in result.stdout and "…" not in result.stdout

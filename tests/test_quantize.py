@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from helpers import run_cli, tiny_model, write_tokenizer
+from localgpt.checkpoint import read_safetensors_header
 from localgpt.config import load_config
 from localgpt.errors import ModelError
 from localgpt.quantize import DEFAULT_INT8_THRESHOLD, DEFAULT_SKIP, QuantizeError, parse_spec, write_quantized
-from localgpt.weights import load_weights, read_safetensors_header
+from localgpt.weights import load_weights
 
 pytest.importorskip("bitsandbytes")
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
@@ -144,8 +145,8 @@ def test_skip_keeps_modules_in_full_precision(tmp_path, float_model):
     assert type(model.layers[0].mlp.gate_up_proj).__name__ == "Linear8bitLt"
     write_quantized(model, float_model, tmp_path / "q")
     header = read_safetensors_header(tmp_path / "q" / "model.safetensors")
-    assert header["model.layers.0.self_attn.q_proj.weight"].dtype == torch.float32
-    assert header["model.layers.0.mlp.up_proj.weight"].dtype == torch.int8
+    assert header["model.layers.0.self_attn.q_proj.weight"].dtype == "float32"
+    assert header["model.layers.0.mlp.up_proj.weight"].dtype == "int8"
     again = load_weights(tmp_path / "q", load_config(tmp_path / "q"), torch.float32, CPU)
     assert (logits(again) - logits(model)).abs().max() < 1e-5
 
@@ -215,8 +216,10 @@ def test_cli_quantize_list_show_generate(tmp_path, float_model):
     (["--type", "int4"], "--type must be nf4 or fp4"),
     (["--compute-dtype", "int8"], "--compute-dtype must be"),
 ])
-def test_cli_bad_flags(float_model, args, message):
-    result = run_cli("quantize", str(float_model), *args)
+def test_cli_bad_flags(capsys, float_model, args, message):
+    from test_cli import run_in_process
+
+    result = run_in_process(capsys, "quantize", str(float_model), *args)
     assert result.returncode == 2 and result.stderr.startswith("Error: ") and message in result.stderr
 
 
@@ -230,7 +233,7 @@ def test_without_bitsandbytes_one_clear_error(tmp_path, float_model):
         result = run_cli(*args, env=env)
         assert result.returncode == 1, result.stderr
         assert result.stderr.strip().splitlines() == [result.stderr.strip()]
-        assert "pip install 'localgpt[quant]'" in result.stderr and "Traceback" not in result.stderr
+        assert "pip install 'localgpt-cli[quant]'" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "home" / "models").exists() or not any((tmp_path / "home" / "models").iterdir())
 
 

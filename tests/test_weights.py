@@ -12,9 +12,10 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from helpers import tiny_model
+from localgpt.checkpoint import read_safetensors_header
 from localgpt.config import load_config
 from localgpt.errors import ModelError
-from localgpt.weights import load_weights, read_safetensors_header
+from localgpt.weights import load_weights
 
 
 @pytest.fixture(scope="module")
