@@ -11,12 +11,13 @@ import dataclasses
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from localgpt.errors import LocalGPTError, UsageError
 from localgpt.generate import Response, stream_generate
+from localgpt.logs import new_conversation_id
 from localgpt.sampling import SamplingOptions
 
 SETTINGS_HELP = {
@@ -107,6 +108,9 @@ class ChatSession:
         self.cache = loaded.model.new_cache(1, 256)
         self.cached_ids: list[int] = []  # the tokens whose keys/values the cache holds, in order
         self.last: Response | None = None
+        # Called with (session, prompt, reply, its last Response or None) when a reply ends, Ctrl-C included.
+        self.on_reply: Callable[[ChatSession, str, str, Response | None], None] | None = None
+        self.conversation_id = new_conversation_id()  # what the log files this conversation's replies under
 
     @property
     def context_length(self) -> int:
@@ -178,20 +182,41 @@ class ChatSession:
 
             responses = stream_beam_search(self.loaded.model, self.loaded.tokenizer, prompt_ids,
                                            self.settings.sampling(), beams, self.settings.max_tokens)
+        final = None
         try:
             for response in responses:
                 if beams is None and response.generation_tokens > len(generated):  # a record per new token
                     generated.append(response.token)
                 reply += response.text
                 self.messages[-1]["content"] = reply
-                self.last = response
+                self.last = final = response
                 yield response
         finally:
             # Also on Ctrl-C: the partial reply stays, and the cache keeps what it holds.
             self.cached_ids = (prompt_ids + generated)[: self.cache.length]
+            if self.on_reply is not None:
+                self.on_reply(self, self.messages[-2]["content"], reply, final)
+
+    def resume(self, messages: list[dict[str, str]], conversation_id: str) -> None:
+        """Continue an earlier conversation: its messages, and its tokens prefilled into the cache now, so the
+        next turn prefills only itself."""
+        import torch
+
+        from localgpt.generate import prefill
+
+        self.messages = [dict(m) for m in messages]
+        self.conversation_id = conversation_id
+        ids = self.fit_to_context()
+        self.cache.trim(0)
+        self.cache.grow(len(ids))
+        with torch.inference_mode():
+            prefill(self.loaded.model, torch.tensor([ids], device=self.loaded.model.device), self.cache)
+        self.cached_ids = ids[: self.cache.length]
 
     def reset(self) -> None:
         self.messages = []
+        self.last = None  # /stats speaks of this conversation's replies only
+        self.conversation_id = new_conversation_id()
 
     def to_json(self) -> dict:
         return {"format": "localgpt-chat/1", "model": str(self.loaded.path), "system": self.system,
@@ -236,6 +261,15 @@ class ChatSession:
         self.system = system if isinstance(system, str) else None
         self.messages = [{"role": m["role"], "content": m["content"]} for m in messages if m["role"] != "system"]
         self.settings = settings
+        self.last = None
+        self.conversation_id = new_conversation_id()
+
+
+def setting_text(value: object) -> str:
+    """A setting as /set takes it: on/off for switches, none for an unset seed."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return "none" if value is None else str(value)
 
 
 def stats_text(response: Response, session: ChatSession) -> str:

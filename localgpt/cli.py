@@ -5,6 +5,7 @@ No model logic lives here, and torch is imported only inside commands so `localg
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -14,6 +15,7 @@ import typer
 
 from localgpt import interrupts
 from localgpt.errors import Interrupted, LocalGPTError, ModelError, PromptError, ReaderGone, UsageError
+from localgpt.logs import Log, logging_disabled, new_conversation_id
 from localgpt.settings import (
     DEFAULT_MAX_TOKENS,
     DEFAULT_TEMPERATURE,
@@ -50,6 +52,7 @@ COMPILE_OPTION = typer.Option(
          "localgpt's native kernels cannot run (no AVX-512 or no C compiler). Skipped, with a notice, where they "
          "run: they are faster.",
 )
+NO_LOG_OPTION = typer.Option(False, "--no-log", help="Do not log this to LOCALGPT_HOME/logs.db (LOCALGPT_NO_LOG=1).")
 QUANTIZE_OPTION = typer.Option(
     None, "--quantize", "-q", help="Quantize while loading: 8 | 4 (nf4) | nf4 | fp4 (needs localgpt-cli[quant]).",
 )
@@ -175,6 +178,7 @@ def generate(
     do_sample: bool = typer.Option(False, "--do-sample", help="Beam sampling instead of deterministic beams."),
     quantize: str | None = QUANTIZE_OPTION,
     compile_step: bool = COMPILE_OPTION,
+    no_log: bool = NO_LOG_OPTION,
 ):
     """Generate an answer to a prompt, streamed to stdout."""
     check_flags(max_tokens, dtype, temperature, top_k, top_p, min_p, repetition_penalty, seed, no_repeat_ngram_size,
@@ -188,8 +192,15 @@ def generate(
     options = sampling_options(loaded.generation_defaults, temperature, top_k, top_p, min_p, repetition_penalty, seed,
                                no_repeat_ngram_size)
     prompt_ids = encode_prompt(loaded, text, system, raw, truncate)
+    settings = {**dataclasses.asdict(options), "max_tokens": max_tokens, "stop": stop,
+                **(dataclasses.asdict(beams) if beams else {})}
+
+    def log_reply(reply: str, final=None) -> None:
+        if not (no_log or logging_disabled()):
+            Log().record(new_conversation_id(), model_name(loaded.path), system, text, reply, settings, final)
+
     if beams is not None and beams.num_return_sequences > 1:
-        print_beams(loaded, prompt_ids, options, beams, max_tokens, as_json)
+        log_reply(print_beams(loaded, prompt_ids, options, beams, max_tokens, as_json))
         return
 
     if beams is None:
@@ -200,14 +211,16 @@ def generate(
         responses = stream_beam_search(loaded.model, loaded.tokenizer, prompt_ids, options, beams, max_tokens)
     pieces: list[str] = []
     final = None
-    for response in responses:
-        if final is None:
-            interrupts.marker("decoding")
-        if as_json:
+    try:
+        for response in responses:
+            if final is None:
+                interrupts.marker("decoding")
             pieces.append(response.text)
-        elif response.text:
-            write_out(response.text)
-        final = response
+            if response.text and not as_json:
+                write_out(response.text)
+            final = response
+    finally:  # a reply stopped by Ctrl-C or a closed pipe is logged as far as it got
+        log_reply("".join(pieces), final)
     if as_json:
         write_out(json.dumps(response_json("".join(pieces), final), ensure_ascii=False) + "\n")
     else:
@@ -253,8 +266,8 @@ def beam_options(num_beams: int, length_penalty: float, early_stopping: str, num
                        do_sample).validate()
 
 
-def print_beams(loaded, prompt_ids: list[int], options, beams, max_tokens: int, as_json: bool) -> None:
-    """--num-return-sequences > 1: nothing streams; every sequence at the end, best first."""
+def print_beams(loaded, prompt_ids: list[int], options, beams, max_tokens: int, as_json: bool) -> str:
+    """--num-return-sequences > 1: nothing streams; every sequence at the end, best first. Returns the best."""
     from localgpt.beam import beam_search
 
     tokenizer = loaded.tokenizer
@@ -266,6 +279,7 @@ def print_beams(loaded, prompt_ids: list[int], options, beams, max_tokens: int, 
         write_out(json.dumps({"sequences": sequences, "prompt_tokens": len(prompt_ids)}, ensure_ascii=False) + "\n")
     else:
         write_out("\n\n".join(texts) + "\n")
+    return texts[0]
 
 
 def encode_prompt(loaded, text: str, system: str | None, raw: bool, truncate: bool) -> list[int]:
@@ -626,6 +640,44 @@ def rm(
 
 
 @command
+def logs(
+    conversation_id: str | None = typer.Argument(None, metavar="[ID]", help="A conversation to show in full."),
+    count: int = typer.Option(20, "--count", "-n", help="How many conversations to list, latest first."),
+    as_json: bool = typer.Option(False, "--json", help="JSON for scripts."),
+):
+    """List the logged conversations, or show one (prompts, replies, model, settings, timings)."""
+    from localgpt.logs import default_path
+
+    if count < 1:
+        raise UsageError(f"--count must be >= 1, not {count}")
+    log = Log()
+    if conversation_id is not None:
+        conversation = log.conversation(conversation_id)
+        if as_json:
+            write_out(json.dumps(conversation, ensure_ascii=False, indent=2) + "\n")
+            return
+        print(f"conversation {conversation['id']} · {conversation['model']} · {conversation['created']}")
+        if conversation["system"]:
+            print(f"system: {conversation['system']}")
+        for reply in conversation["responses"]:
+            timing = (f" · {reply['generation_tokens']} tokens, {reply['generation_tokens_per_s']} tok/s"
+                      if reply["generation_tokens"] is not None else "")
+            print(f"\n> {reply['prompt']}\n{reply['response']}\n[{reply['datetime']}{timing}]")
+        return
+    conversations = log.conversations(count)
+    if as_json:
+        write_out(json.dumps(conversations, ensure_ascii=False, indent=2) + "\n")
+        return
+    if not conversations:
+        print(f"No conversations logged yet ({default_path()}).")
+        return
+    for c in conversations:
+        first = " ".join(c["first_prompt"].split())
+        print(f"{c['id']}  {c['created'][:16].replace('T', ' ')}  {c['model']}  {c['turns']} "
+              f"{'reply' if c['turns'] == 1 else 'replies'}  {first[:60] + ('…' if len(first) > 60 else '')}")
+
+
+@command
 def chat(
     model: str = MODEL_OPTION,
     system: str | None = typer.Option(None, "--system", "-s", help="System prompt."),
@@ -641,12 +693,25 @@ def chat(
     no_history: bool = typer.Option(False, "--no-history", help="Do not read or write LOCALGPT_HOME/history."),
     quantize: str | None = QUANTIZE_OPTION,
     compile_step: bool = COMPILE_OPTION,
+    resume_latest: bool = typer.Option(False, "--continue", "-c", help="Continue the latest logged conversation."),
+    conversation_id: str | None = typer.Option(None, "--cid", help="Continue the logged conversation with this id."),
+    no_log: bool = NO_LOG_OPTION,
 ):
     """Chat with a model. With stdin not a terminal: one message per line, each reply followed by a blank line."""
     check_flags(max_tokens, dtype, temperature, top_k, top_p, min_p, repetition_penalty, seed, quantize=quantize)
-
+    if resume_latest and conversation_id:
+        raise UsageError("--continue and --cid both name a conversation — give one")
     from localgpt.chat import ChatSession, ChatSettings, run_piped
     from localgpt.hub import home
+    from localgpt.logs import messages_of
+
+    log = None if no_log or logging_disabled() else Log()
+    earlier = None
+    if resume_latest or conversation_id:  # looked up before seconds of loading
+        conversation_id = conversation_id or Log().latest_conversation_id()
+        if conversation_id is None:
+            raise LocalGPTError("no logged conversation to continue yet — 'localgpt chat' starts one")
+        earlier = Log().conversation(conversation_id)
 
     loaded = load_for_generation(model, dtype, device, quantize, compile_step)
     options = sampling_options(loaded.generation_defaults, temperature, top_k, top_p, min_p, repetition_penalty, seed)
@@ -656,6 +721,16 @@ def chat(
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     session = ChatSession(loaded, settings, system,
                           notify=lambda message: print(f"localgpt: {message}", file=sys.stderr))
+    if earlier is not None:
+        session.system = system if system is not None else earlier["system"]
+        session.resume(messages_of(earlier), earlier["id"])
+        replies = len(earlier['responses'])
+        print(f"localgpt: continuing conversation {earlier['id']} ({replies} {'reply' if replies == 1 else 'replies'})",
+              file=sys.stderr)
+    if log is not None:
+        name = model_name(loaded.path)
+        session.on_reply = lambda chat, prompt, reply, final: log.record(
+            chat.conversation_id, name, chat.system, prompt, reply, dataclasses.asdict(chat.settings), final)
     if not interactive:
         settings.verbose = False
         run_piped(session, sys.stdin, sys.stdout)

@@ -6,18 +6,37 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from prompt_toolkit.history import FileHistory
+from prompt_toolkit.history import FileHistory, InMemoryHistory
+from rich.cells import cell_len
 
-from localgpt.chat import SETTINGS_HELP, ChatSession, stats_text
+from localgpt.chat import SETTINGS_HELP, ChatSession, setting_text, stats_text
 from localgpt.errors import LocalGPTError
 
 
-class ForgivingFileHistory(FileHistory):
+class MessageHistory:
+    """prompt-toolkit appends every line it accepts to the history, so a \"\"\" block became one entry per line
+    and Up-arrow could not bring the message back: here the REPL remembers each whole message instead."""
+
+    def append_string(self, string: str) -> None:  # called by prompt-toolkit for every accepted line
+        pass
+
+    def remember(self, message: str) -> None:
+        super().append_string(message)
+
+
+class MemoryMessageHistory(MessageHistory, InMemoryHistory):
+    pass
+
+
+class ForgivingFileHistory(MessageHistory, FileHistory):
     """prompt-toolkit's history file (append-only: one small write per entry, so a crash loses at most that entry)
     that turns a file it cannot read or write into one dim notice instead of a crash: the chat matters more than
     its history. Undecodable bytes in it are already replaced, not fatal."""
 
     def __init__(self, path: Path, console):
+        with open(path, "a+b") as probe:  # said before the prompt is drawn, not on its line: OSError to the caller
+            probe.seek(0)
+            probe.read(1)
         super().__init__(str(path))
         self.console = console
         self.warned = False
@@ -60,7 +79,6 @@ LEAVE = object()
 class Repl:
     def __init__(self, session: ChatSession, console, input=None, output=None, history_path: Path | None = None):
         from prompt_toolkit import PromptSession
-        from prompt_toolkit.history import InMemoryHistory
         from prompt_toolkit.key_binding import KeyBindings
 
         self.session = session
@@ -72,13 +90,14 @@ class Repl:
         def _newline(event):
             event.current_buffer.insert_text("\n")
 
-        history = InMemoryHistory()
+        history = MemoryMessageHistory()
         if history_path is not None:
             try:
                 history_path.parent.mkdir(parents=True, exist_ok=True)
                 history = ForgivingFileHistory(history_path, console)
             except OSError as exc:
                 console.print(f"[dim]history is off: cannot use {history_path} ({exc.strerror})[/dim]")
+        self.history = history
         self.prompt = PromptSession(history=history, key_bindings=bindings, input=input, output=output,
                                     enable_open_in_editor=False)
 
@@ -89,7 +108,9 @@ class Repl:
             while not lines[-1].rstrip().endswith('"""') or (len(lines) == 1 and lines[0].strip() == ""):
                 lines.append(self.prompt.prompt("... "))
             lines[-1] = lines[-1].rstrip()[:-3]
-            return "\n".join(lines).strip("\n")
+            text = "\n".join(lines).strip("\n")
+        if text.strip():
+            self.history.remember(text)  # the whole message: Up-arrow brings a multi-line one back as it was
         return text
 
     def run(self) -> None:
@@ -111,20 +132,20 @@ class Repl:
 
     def answer(self, start) -> None:
         """Stream one reply; Ctrl-C stops it and keeps what was written."""
-        out = self.console.file
+        out = WordWrap(self.console.file, self.console.width)
         try:
             responses = start()
             for response in responses:
                 out.write(response.text)
-                out.flush()
         except KeyboardInterrupt:
-            out.write("\n")
+            out.end()
             self.console.print("[dim]stopped[/dim]", highlight=False)
             return
         except LocalGPTError as exc:
+            out.end()
             self.console.print(f"[red]Error: {exc}[/red]", highlight=False)
             return
-        out.write("\n")
+        out.end()
         last = self.session.last
         if self.session.settings.verbose and last is not None:
             self.console.print(f"[dim]{stats_text(last, self.session)}[/dim]", highlight=False)
@@ -179,7 +200,7 @@ class Repl:
         key, _, value = argument.partition(" ")
         if not key:
             for name, hint in SETTINGS_HELP.items():
-                self.console.print(f"  {name:<22} {getattr(settings, name)!s:<8} {hint}", markup=False,
+                self.console.print(f"  {name:<22} {setting_text(getattr(settings, name)):<8} {hint}", markup=False,
                                    highlight=False)
             return
         if key == "verbose" and not value.strip():
@@ -198,7 +219,65 @@ class Repl:
         rows = [
             ("model", str(loaded.path)), ("architecture", config.model_type), ("parameters", f"{parameters:,}"),
             ("context", f"{config.context_length} tokens"), ("dtype", str(loaded.model.dtype).removeprefix("torch.")),
-            ("system", session.system or "(none)"), ("messages", str(len(session.messages))),
-        ] + [(name, str(getattr(session.settings, name))) for name in SETTINGS_HELP]
+            ("system", self.system_shown()), ("messages", str(len(session.messages))),
+        ] + [(name, setting_text(getattr(session.settings, name))) for name in SETTINGS_HELP]
         for key, value in rows:
             self.console.print(f"  {key:<22} {value}", markup=False, highlight=False)
+
+    def system_shown(self) -> str:
+        """What the model sees as its system prompt: ours, or the one its chat template adds by itself."""
+        if self.session.system:
+            return self.session.system
+        default = self.session.loaded.tokenizer.default_system_prompt()
+        return f"{default} (the chat template's default)" if default else "(none)"
+
+
+class WordWrap:
+    """Streams text to a terminal, breaking lines between words as rich does for Markdown: the terminal itself
+    breaks at the last column, mid-word (`I'` / `m your`), and starts the next line with the space. A word is held
+    back until it ends (a space or a newline comes) so it can go whole onto the next line; a word wider than
+    the screen is broken where it must be."""
+
+    def __init__(self, out, width: int):
+        self.out, self.width = out, max(width, 2)
+        self.column = 0
+        self.spaces = ""  # spaces after the last word written: dropped if the next word starts a new line
+        self.word = ""
+
+    def write(self, text: str) -> None:
+        for char in text:
+            if char == "\n":
+                self._word()
+                self.out.write("\n")
+                self.column, self.spaces = 0, ""
+            elif char in " \t":
+                self._word()
+                self.spaces += char
+            else:
+                self.word += char
+        self.out.flush()
+
+    def _word(self) -> None:
+        if not self.word:
+            return
+        word, self.word = self.word, ""
+        needed = cell_len(self.spaces) + cell_len(word)
+        if self.column and self.column + needed > self.width:
+            self.out.write("\n")
+            self.column = 0
+        elif self.spaces:
+            self.out.write(self.spaces)
+            self.column += cell_len(self.spaces)
+        self.spaces = ""
+        for char in word:  # a word wider than the line: broken at the edge
+            if self.column + cell_len(char) > self.width:
+                self.out.write("\n")
+                self.column = 0
+            self.out.write(char)
+            self.column += cell_len(char)
+
+    def end(self) -> None:
+        """The reply is over (or stopped): write what is held back and end the line."""
+        self._word()
+        self.out.write("\n")
+        self.out.flush()

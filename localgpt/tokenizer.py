@@ -5,6 +5,7 @@ Jinja sandbox, and a streaming decoder that never splits a character or drops a 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -89,6 +90,24 @@ class Tokenizer:
             raise TokenizerError("this model has no chat template — use --raw to send the text as-is")
         return render_template(self.chat_template, messages, add_generation_prompt, self.special_tokens,
                                self.chat_template_source)
+
+    def default_system_prompt(self) -> str | None:
+        """The system prompt the chat template writes by itself when the conversation has none (SmolLM2's "You
+        are a helpful AI assistant named SmolLM…"), or None. Found by rendering one user turn with and without a
+        marker system prompt: where the template puts the marker, it otherwise puts its default."""
+        if self.chat_template is None:
+            return None
+        marker, user = "\x00system-marker\x00", [{"role": "user", "content": "\x00user-marker\x00"}]
+        try:
+            alone = self.render_chat(user)
+            marked = self.render_chat([{"role": "system", "content": marker}, *user])
+        except TokenizerError:
+            return None
+        prefix = len(os.path.commonprefix([alone, marked]))
+        suffix = len(os.path.commonprefix([alone[prefix:][::-1], marked[prefix:][::-1]]))
+        if marked[prefix : len(marked) - suffix] != marker:
+            return None  # no default: without a system prompt the template writes no system turn at all
+        return alone[prefix : len(alone) - suffix] or None
 
     def encode_chat(self, messages: list[Message], add_generation_prompt: bool = True) -> list[int]:
         # As transformers' apply_chat_template: the template writes any BOS itself, so no special tokens are added.

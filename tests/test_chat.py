@@ -8,6 +8,8 @@ import json
 import os
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from helpers import run_cli, tiny_model
 from localgpt.chat import ChatSession, ChatSettings, read_blocks
@@ -212,3 +214,73 @@ def test_beams_in_chat_match_beam_search(loaded):
     assert text == loaded.tokenizer.decode([t for t in best.tokens if t not in loaded.tokenizer.eos_token_ids])
     session.settings.set("num_beams", "1")
     assert reply(session, "Again")  # back to sampling/greedy with the conversation cache
+
+
+def test_repl_remembers_whole_messages_and_speaks_as_set_does(loaded, tmp_path):
+    """A \"\"\" block is one history entry (Up-arrow brings the message back, not its last line); /stats after
+    /reset has no reply to speak of; /show and /set say on/off and none, as /set takes them."""
+    from prompt_toolkit.history import FileHistory
+
+    keys = '"""\rline one\rline two\r"""\rHello\r/set\r/show\r/stats\r/reset\r/stats\r/bye\r'
+    _, output = drive_repl(loaded, keys, tmp_path)
+    entries = list(FileHistory(str(tmp_path / "history")).load_history_strings())
+    assert entries == ["/bye", "/stats", "/reset", "/stats", "/show", "/set", "Hello", "line one\nline two"]
+    after_reset = output.split("New conversation.")[1]
+    assert "tok/s" not in after_reset and after_reset.count("No reply yet.") == 1  # the first /stats had figures
+    shown = {line.split()[0]: line.split(None, 1)[1] for line in output.splitlines() if line.startswith("  ")
+             and len(line.split()) >= 2}
+    assert shown["verbose"].startswith("on") and shown["seed"].startswith("none")
+    assert "True" not in output and "None" not in output
+
+
+def test_a_history_file_that_cannot_be_used_is_said_before_the_prompt(loaded, tmp_path):
+    (tmp_path / "history").mkdir()
+    _, output = drive_repl(loaded, "/bye\r", tmp_path)
+    assert output.splitlines()[0].startswith("history is off") and output.count("history is off") == 1
+
+
+def test_show_names_the_system_prompt_the_template_adds(loaded, tmp_path):
+    """SmolLM2's template writes "You are a helpful AI assistant named SmolLM…" when there is no system prompt:
+    /show says so instead of "(none)"; a template without a default shows (none)."""
+    import shutil
+
+    from localgpt.tokenizer import Tokenizer
+    from localgpt.weights import load_model
+
+    assert loaded.tokenizer.default_system_prompt() is None
+    _, output = drive_repl(loaded, "/show\r/bye\r", tmp_path)
+    assert "(none)" in output
+    folder = tmp_path / "with-default"
+    shutil.copytree(loaded.path, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nBe terse.<|im_end|>\n"
+                               "{% endif %}" + config["chat_template"])
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    assert Tokenizer(folder).default_system_prompt() == "Be terse."
+    _, output = drive_repl(load_model(folder, dtype="float32", device="cpu"), "/show\r/bye\r", tmp_path)
+    assert "Be terse. (the chat template's default)" in output
+
+
+@settings(max_examples=200, deadline=None)
+@given(words=st.lists(st.text(alphabet="abcdéf東京😀,.'", min_size=1, max_size=14), min_size=1, max_size=30),
+       width=st.integers(4, 40), cuts=st.lists(st.integers(0, 400), max_size=12))
+def test_replies_wrap_between_words(words, width, cuts):
+    """However the reply arrives in pieces, lines break between words, never start with the space, and fit the
+    screen; a word is broken only when it is wider than the screen. Nothing else changes."""
+    from rich.cells import cell_len
+
+    from localgpt.repl import WordWrap
+
+    text = " ".join(words)
+    out = io.StringIO()
+    wrap = WordWrap(out, width)
+    points = sorted({0, len(text), *[c % (len(text) + 1) for c in cuts]})
+    for start, end in zip(points, points[1:], strict=False):
+        wrap.write(text[start:end])
+    wrap.end()
+    lines = out.getvalue().split("\n")
+    assert lines[-1] == "" and all(cell_len(line) <= width for line in lines)
+    assert not any(line.startswith(" ") for line in lines)
+    assert "".join(out.getvalue().split()) == "".join(text.split())  # only white space moved
+    if all(cell_len(word) <= width for word in words):
+        assert [word for line in lines for word in line.split(" ") if word] == words  # words kept whole
