@@ -596,12 +596,23 @@ def list_models(as_json: bool = typer.Option(False, "--json", help="JSON for scr
 
 
 @command
-def show(model: str = typer.Argument(..., help="Folder, hub repo id or name from 'localgpt list'.")):
+def show(model: str | None = typer.Argument(
+        None, metavar="[MODEL]", envvar="LOCALGPT_MODEL",
+        help="Folder, hub repo id or name from 'localgpt list'. Default: the default model.")):
     """Describe a model: architecture, size, context, dtype, quantization, files."""
-    from localgpt.hub import human_size, resolve
+    from localgpt.hub import DEFAULT_LOCAL_NAME, DEFAULT_REPO, human_size, resolve
     from localgpt.inventory import describe
 
-    entry = describe(resolve(model, download_missing=False), model)
+    if model is None:
+        try:
+            folder = resolve(None, download_missing=False)
+        except LocalGPTError:  # said in the words of this command: nothing is fetched by show
+            raise LocalGPTError(f"the default model ({DEFAULT_REPO}) is not on this machine yet — "
+                                "'localgpt generate \"hi\"' fetches it") from None
+        model = DEFAULT_LOCAL_NAME if folder.name == DEFAULT_LOCAL_NAME else str(folder)
+    else:
+        folder = resolve(model, download_missing=False)
+    entry = describe(folder, model)
     d = entry.details
     lines = [
         ("model", entry.name), ("path", entry.path), ("architecture", entry.architecture),

@@ -244,3 +244,17 @@ def test_list_never_cuts_names_or_paths(tmp_path):
     assert result.returncode == 0 and len(lines) == 2 and lines[0].split()[0] == "NAME", result.stdout
     assert lines[1].split()[0] == long_name and lines[1].endswith(str(tmp_path / "home" / "models" / long_name))
     assert "\x1b" not in result.stdout and "…" not in result.stdout
+
+
+def test_show_without_a_model_shows_the_default(tmp_path, monkeypatch, capsys):
+    from helpers import assert_clean_error
+    from localgpt.hub import DEFAULT_LOCAL_NAME
+    from test_cli import run_in_process
+
+    monkeypatch.setenv("LOCALGPT_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("LOCALGPT_MODEL", raising=False)
+    assert_clean_error(run_in_process(capsys, "show"), 1, "the default model (HuggingFaceTB/SmolLM2-135M-Instruct) "
+                                                          "is not on this machine yet")
+    tiny_model(tmp_path / "home" / "models" / DEFAULT_LOCAL_NAME, "llama", tokenizer=True)
+    shown = run_in_process(capsys, "show")
+    assert shown.returncode == 0 and shown.stdout.splitlines()[0].split() == ["model", DEFAULT_LOCAL_NAME]
