@@ -279,7 +279,7 @@ def machine_description() -> str:
         pass
     from localgpt import native
 
-    kernels = "on" if native.library() is not None else "off (torch's ops)"
+    kernels = f"on ({native.isa()})" if native.library() is not None else "off (torch's ops)"
     return (f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads; torch {torch.__version__}, "
             f"Python {platform.python_version()}; localgpt native kernels {kernels}")
 

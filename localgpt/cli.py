@@ -49,8 +49,8 @@ MODEL_OPTION = typer.Option(
 COMPILE_OPTION = typer.Option(
     False, "--compile",
     help="torch.compile the decode step, after up to a minute of compiling: ~10-25% faster float32 decoding where "
-         "localgpt's native kernels cannot run (no AVX-512 or no C compiler). Skipped, with a notice, where they "
-         "run: they are faster.",
+         "localgpt's native kernels cannot run (neither AVX-512 nor AVX2, or no C compiler). Skipped, with a "
+         "notice, where they run: they are faster.",
 )
 NO_LOG_OPTION = typer.Option(False, "--no-log", help="Do not log this to LOCALGPT_HOME/logs.db (LOCALGPT_NO_LOG=1).")
 QUANTIZE_OPTION = typer.Option(
@@ -220,7 +220,8 @@ def generate(
                 write_out(response.text)
             final = response
     finally:  # a reply stopped by Ctrl-C or a closed pipe is logged as far as it got
-        log_reply("".join(pieces), final)
+        if final is not None:
+            log_reply("".join(pieces), final)
     if as_json:
         write_out(json.dumps(response_json("".join(pieces), final), ensure_ascii=False) + "\n")
     else:

@@ -1,10 +1,10 @@
 """torch.compile of the one-token decode step, opt-in (`--compile`).
 
-For machines where localgpt's native kernels cannot run (no AVX-512 or no C compiler); where they run, it is
-skipped with a notice, because the compiled step was slower than them. Measured on SmolLM2-135M here without the
-kernels (docs/benchmarks.md): +10-25% decode tok/s in float32 and nothing measurable in bfloat16 (whose products are
-already one oneDNN call each), for 25-40 s of compilation with a warm inductor cache and 50-110 s cold, so it is
-never on by default and the user is told before the wait. Prefill stays eager (its
+For machines where localgpt's native kernels cannot run (neither AVX-512 nor AVX2, or no C compiler); where they
+run, it is skipped with a notice, because the compiled step was slower than them. Measured on SmolLM2-135M here
+without the kernels (docs/benchmarks.md): +10-25% decode tok/s in float32 and nothing measurable in bfloat16 (whose
+products are already one oneDNN call each), for 25-40 s of compilation with a warm inductor cache and 50-110 s cold,
+so it is never on by default and the user is told before the wait. Prefill stays eager (its
 products are large and dispatch is a small share of them). On CUDA the step is compiled with
 mode="reduce-overhead" (CUDA graphs). If compilation fails (no C++ compiler, an
 unsupported platform), the model keeps running eagerly after one notice.

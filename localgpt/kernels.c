@@ -1,7 +1,7 @@
-/* Decoding kernels for localgpt, x86-64 with AVX-512: the work of one decoding step of a few rows (one token, or
- * one per beam) in float32 and bfloat16 — products y (M, N) = x (M, K) · w (N, K)ᵀ, the one-token attention step
- * with its rotary embedding and cache write, RMSNorm, the SiLU-gated MLP's product, and a whole Llama-family layer
- * made of them (docs/architecture.md, "Native kernels").
+/* Decoding kernels for localgpt, x86-64 with AVX-512 or AVX2+FMA: the work of one decoding step of a few rows (one
+ * token, or one per beam) in float32 and bfloat16 — products y (M, N) = x (M, K) · w (N, K)ᵀ, the one-token
+ * attention step with its rotary embedding and cache write, RMSNorm, the SiLU-gated MLP's product, and a whole
+ * Llama-family layer made of them (docs/architecture.md, "Native kernels").
  *
  * Why: decoding one token reads every weight once, so its speed is memory bandwidth over weight bytes, and on a
  * small model the dispatch of ~50 torch ops per layer costs as much again. torch's bfloat16 products read ~8-10
@@ -10,15 +10,109 @@
  * localgpt/native.py with the system C compiler (-O3 -march=native -fopenmp -ffp-contract=off); it joins torch's own
  * OpenMP runtime (same libgomp.so.1), so torch.set_num_threads applies and the two never compete for cores.
  *
+ * One source for every instruction set: the kernels are written once against the small vector layer below (VL
+ * float32 lanes: 16 with AVX-512F/BW/VL, 8 with AVX2+FMA), and the compiler's target picks the layer. bfloat16
+ * products use AVX512-BF16's vdpbf16ps where the CPU has it; elsewhere bfloat16 is widened to float32 in registers
+ * (a bfloat16 is the top half of a float32) and multiplied there, which is exact for the products too.
+ *
  * Numerics: float32 products sum each row in a different order than MKL (last-bit differences, as between any two
  * BLAS); bfloat16 multiplies pairs exactly and sums in float32, then rounds to nearest even, like torch's CPU
- * bfloat16 linear. Elementwise steps round where torch's ops round. Any size works: tails are masked loads.
+ * bfloat16 linear. Elementwise steps round where torch's ops round. Any size works: tails are partial loads.
  */
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
+
+/* ---- The vector layer: VL float32 lanes; `n` arguments are lane counts from 1 to VL (the tail of a row). ---- */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define VL 16
+typedef __m512 vf;
+static inline __mmask16 lanes(int64_t n) { return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1); }
+static inline vf vzero(void) { return _mm512_setzero_ps(); }
+static inline vf vset(float a) { return _mm512_set1_ps(a); }
+static inline vf vload(const float *p) { return _mm512_loadu_ps(p); }
+static inline vf vload_n(const float *p, int64_t n) { return _mm512_maskz_loadu_ps(lanes(n), p); }
+static inline void vstore_n(float *p, vf v, int64_t n) { _mm512_mask_storeu_ps(p, lanes(n), v); }
+static inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+static inline vf vfnma(vf a, vf b, vf c) { return _mm512_fnmadd_ps(a, b, c); } /* c - a b */
+static inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
+static inline vf vsub(vf a, vf b) { return _mm512_sub_ps(a, b); }
+static inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+static inline vf vdiv(vf a, vf b) { return _mm512_div_ps(a, b); }
+static inline vf vmax(vf a, vf b) { return _mm512_max_ps(a, b); }
+static inline vf vmin(vf a, vf b) { return _mm512_min_ps(a, b); }
+static inline float vsum(vf a) { return _mm512_reduce_add_ps(a); }
+static inline vf vround_int(vf a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT); }
+static inline vf vscale2(vf p, vf n) { return _mm512_scalef_ps(p, n); } /* p 2^n */
+static inline vf vload_bf16_n(const uint16_t *p, int64_t n) { /* bfloat16 is the top half of a float32 */
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes(n), p)), 16));
+}
+static inline vf vload_bf16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+static inline vf vround_bf16(vf value) { /* each lane rounded to bfloat16 and back, to nearest even */
+    __m512i bits = _mm512_castps_si512(value);
+    __m512i rounding = _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1)));
+    __m512i rounded = _mm512_and_si512(_mm512_add_epi32(bits, rounding), _mm512_set1_epi32((int)0xffff0000u));
+    __mmask16 nan = _mm512_cmp_ps_mask(value, value, _CMP_UNORD_Q);
+    return _mm512_mask_mov_ps(_mm512_castsi512_ps(rounded), nan, value);
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+#define VL 8
+typedef __m256 vf;
+static inline __m256i lanes(int64_t n) { /* the first n lanes' sign bits set, for maskload/maskstore */
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(n < 8 ? n : 8)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+static inline vf vzero(void) { return _mm256_setzero_ps(); }
+static inline vf vset(float a) { return _mm256_set1_ps(a); }
+static inline vf vload(const float *p) { return _mm256_loadu_ps(p); }
+static inline vf vload_n(const float *p, int64_t n) { return n >= 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, lanes(n)); }
+static inline void vstore_n(float *p, vf v, int64_t n) {
+    if (n >= 8) _mm256_storeu_ps(p, v);
+    else _mm256_maskstore_ps(p, lanes(n), v);
+}
+static inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+static inline vf vfnma(vf a, vf b, vf c) { return _mm256_fnmadd_ps(a, b, c); }
+static inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
+static inline vf vsub(vf a, vf b) { return _mm256_sub_ps(a, b); }
+static inline vf vmul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+static inline vf vdiv(vf a, vf b) { return _mm256_div_ps(a, b); }
+static inline vf vmax(vf a, vf b) { return _mm256_max_ps(a, b); }
+static inline vf vmin(vf a, vf b) { return _mm256_min_ps(a, b); }
+static inline float vsum(vf a) {
+    __m128 half = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    half = _mm_add_ps(half, _mm_movehl_ps(half, half));
+    return _mm_cvtss_f32(_mm_add_ss(half, _mm_movehdup_ps(half)));
+}
+static inline vf vround_int(vf a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static inline vf vscale2(vf p, vf n) { /* p 2^n for integral n, 2^n built in the exponent bits: below 2^-126 it
+                                        * is 0 (scalef gives a denormal), above 2^127 infinity (as scalef) */
+    __m256i exponent = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
+    exponent = _mm256_min_epi32(_mm256_max_epi32(exponent, _mm256_setzero_si256()), _mm256_set1_epi32(255));
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(exponent, 23)));
+}
+static inline vf vload_bf16(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+static inline vf vload_bf16_n(const uint16_t *p, int64_t n) { /* no 16-bit masked load in AVX2: through a copy */
+    if (n >= 8) return vload_bf16(p);
+    uint16_t copy[8] = {0};
+    for (int64_t i = 0; i < n && i < 8; i++) copy[i] = p[i];
+    return vload_bf16(copy);
+}
+static inline vf vround_bf16(vf value) {
+    __m256i bits = _mm256_castps_si256(value);
+    __m256i rounding = _mm256_add_epi32(_mm256_set1_epi32(0x7fff), _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1)));
+    __m256i rounded = _mm256_and_si256(_mm256_add_epi32(bits, rounding), _mm256_set1_epi32((int)0xffff0000u));
+    return _mm256_blendv_ps(_mm256_castsi256_ps(rounded), value, _mm256_cmp_ps(value, value, _CMP_UNORD_Q));
+}
+#else
+#error "localgpt's kernels need AVX-512 (F, BW, VL) or AVX2 with FMA"
+#endif
+
+const char *lg_isa(void) { return VL == 16 ? "avx512" : "avx2"; }
 
 #define MAX_ROWS 4 /* rows of x per pass over the weights: 4 x 2 accumulators stay in registers */
 
@@ -30,28 +124,27 @@ static inline void prefetch_ahead(const void *at, int lines) {
     for (int line = 0; line < lines; line++) _mm_prefetch((const char *)at + PREFETCH_BYTES + 64 * line, _MM_HINT_T1);
 }
 
-/* One weight row n against MB rows of x, two accumulators per x row to hide the FMA latency. */
-#define F32_ROW(MB)                                                                                              \
+/* One weight row n against MB rows of x, two accumulators per x row to hide the FMA latency. LOAD/LOAD_N read VL
+ * elements of the dtype as float32 lanes. */
+#define VEC_ROW(MB, T, LOAD, LOAD_N, STORE_ONE)                                                                  \
     {                                                                                                            \
-        __m512 acc[MB][2];                                                                                       \
-        for (int m = 0; m < MB; m++) acc[m][0] = acc[m][1] = _mm512_setzero_ps();                                \
-        const float *wr = w + n * K;                                                                             \
+        vf acc[MB][2];                                                                                           \
+        for (int m = 0; m < MB; m++) acc[m][0] = acc[m][1] = vzero();                                            \
+        const T *wr = w + n * K;                                                                                 \
         int64_t i = 0;                                                                                           \
-        for (; i + 32 <= K; i += 32) {                                                                           \
-            if (MB >= 3) prefetch_ahead(wr + i, 2);                                                              \
-            __m512 w0 = _mm512_loadu_ps(wr + i), w1 = _mm512_loadu_ps(wr + i + 16);                              \
+        for (; i + 2 * VL <= K; i += 2 * VL) {                                                                   \
+            if (MB >= 3) prefetch_ahead(wr + i, 2 * VL * (int)sizeof(T) / 64);                                   \
+            vf w0 = LOAD(wr + i), w1 = LOAD(wr + i + VL);                                                        \
             for (int m = 0; m < MB; m++) {                                                                       \
-                acc[m][0] = _mm512_fmadd_ps(_mm512_loadu_ps(xr + m * K + i), w0, acc[m][0]);                      \
-                acc[m][1] = _mm512_fmadd_ps(_mm512_loadu_ps(xr + m * K + i + 16), w1, acc[m][1]);                 \
+                acc[m][0] = vfma(LOAD(xr + m * K + i), w0, acc[m][0]);                                           \
+                acc[m][1] = vfma(LOAD(xr + m * K + i + VL), w1, acc[m][1]);                                      \
             }                                                                                                    \
         }                                                                                                        \
-        for (; i < K; i += 16) {                                                                                 \
-            __mmask16 k = K - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - i)) - 1);                    \
-            __m512 w0 = _mm512_maskz_loadu_ps(k, wr + i);                                                        \
-            for (int m = 0; m < MB; m++)                                                                         \
-                acc[m][0] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, xr + m * K + i), w0, acc[m][0]);             \
+        for (; i < K; i += VL) {                                                                                 \
+            vf w0 = LOAD_N(wr + i, K - i);                                                                       \
+            for (int m = 0; m < MB; m++) acc[m][0] = vfma(LOAD_N(xr + m * K + i, K - i), w0, acc[m][0]);         \
         }                                                                                                        \
-        for (int m = 0; m < MB; m++) yr[m * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]));   \
+        for (int m = 0; m < MB; m++) yr[m * N + n] = STORE_ONE(vsum(vadd(acc[m][0], acc[m][1])));               \
     }
 
 /* The product entry point for one dtype: both threads stream their own half of the weight rows, MAX_ROWS rows of x
@@ -74,6 +167,8 @@ static inline void prefetch_ahead(const void *at, int lines) {
         }                                                                                                        \
     }
 
+static inline float keep_float(float value) { return value; }
+#define F32_ROW(MB) VEC_ROW(MB, float, vload, vload_n, keep_float)
 LINEAR(lg_linear_f32, float, F32_ROW)
 
 static inline uint16_t round_to_bf16_scalar(float value) { /* round to nearest even, as torch does; NaN stays NaN */
@@ -91,7 +186,9 @@ static inline float bf16_to_float(uint16_t value) {
     return result;
 }
 
-int lg_has_bf16(void) {
+/* 1: bfloat16 products run here (through vdpbf16ps with AVX512-BF16, else widened to float32 in registers). */
+int lg_has_bf16(void) { return 1; }
+int lg_has_bf16_dot(void) {
 #ifdef __AVX512BF16__
     return 1;
 #else
@@ -125,9 +222,10 @@ int lg_has_bf16(void) {
         for (int m = 0; m < MB; m++)                                                                             \
             yr[m * N + n] = round_to_bf16_scalar(_mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1])));             \
     }
-
-LINEAR(lg_linear_bf16, uint16_t, BF16_ROW)
+#else
+#define BF16_ROW(MB) VEC_ROW(MB, uint16_t, vload_bf16, vload_bf16_n, round_to_bf16_scalar)
 #endif
+LINEAR(lg_linear_bf16, uint16_t, BF16_ROW)
 
 /* Attention of one new token per batch row: out (B, h, hd) = softmax(q kᵀ · scale, optionally soft-capped) v over
  * S cached positions, grouped-query (query head j reads kv head j / (h / g)). Keys and values are rows of hd
@@ -138,44 +236,40 @@ LINEAR(lg_linear_bf16, uint16_t, BF16_ROW)
  * arithmetic): over a third of a 135M model's decoding step outside the products. Sums run in float32 for both
  * dtypes and the result is normalised at the end, as in its flash kernel.
  */
-static inline __m512 load_f32(const float *p, __mmask16 k) { return _mm512_maskz_loadu_ps(k, p); }
-static inline __m512 load_bf16(const uint16_t *p, __mmask16 k) { /* bfloat16 is the top half of a float32 */
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p)), 16));
+static inline vf load_f32(const float *p, int64_t n) { return vload_n(p, n); }
+static inline vf load_bf16(const uint16_t *p, int64_t n) { return vload_bf16_n(p, n); }
+static inline void store_f32(float *p, vf value, int64_t n) { vstore_n(p, value, n); }
+static inline void store_bf16(uint16_t *p, vf value, int64_t n) {
+    float values[VL];
+    vstore_n(values, value, VL);
+    for (int64_t i = 0; i < n && i < VL; i++) p[i] = round_to_bf16_scalar(values[i]);
 }
-static inline void store_f32(float *p, __m512 value, __mmask16 k) { _mm512_mask_storeu_ps(p, k, value); }
-/* e^x for 16 floats, Cephes' expf polynomial after an x = n ln2 + r reduction (within ~2 ulp of expf); scalef
- * applies 2^n and flushes x below -88 to 0, which is what softmax weights need. */
-static inline __m512 exp16(__m512 x) {
-    x = _mm512_max_ps(_mm512_set1_ps(-88.0f), x); /* this operand order keeps a NaN a NaN */
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500E-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);
-}
-
-static inline void store_bf16(uint16_t *p, __m512 value, __mmask16 k) {
-    float lanes[16];
-    _mm512_storeu_ps(lanes, value);
-    for (int i = 0; i < 16; i++)
-        if (k >> i & 1) p[i] = round_to_bf16_scalar(lanes[i]);
+/* e^x for VL floats, Cephes' expf polynomial after an x = n ln2 + r reduction (within ~2 ulp of expf); 2^n is
+ * applied last and x below -88 goes to 0 (or a denormal), which is what softmax weights need. */
+static inline vf vexp(vf x) {
+    x = vmin(vset(89.0f), vmax(vset(-88.0f), x)); /* this operand order keeps a NaN a NaN; e^89 is infinity */
+    vf n = vround_int(vmul(x, vset(1.44269504088896341f)));
+    vf r = vfnma(n, vset(0.693359375f), x);
+    r = vfnma(n, vset(-2.12194440e-4f), r);
+    vf p = vset(1.9875691500E-4f);
+    p = vfma(p, r, vset(1.3981999507E-3f));
+    p = vfma(p, r, vset(8.3334519073E-3f));
+    p = vfma(p, r, vset(4.1665795894E-2f));
+    p = vfma(p, r, vset(1.6666665459E-1f));
+    p = vfma(p, r, vset(5.0000001201E-1f));
+    p = vfma(p, vmul(r, r), vadd(r, vset(1.0f)));
+    return vscale2(p, n);
 }
 
-#define MAX_HEAD_CHUNKS 32 /* head_dim up to 512 */
+#define MAX_HEAD_DIM 512
+#define MAX_HEAD_CHUNKS (MAX_HEAD_DIM / VL)
 
 #define DECODE_ATTENTION(NAME, T, LOAD, STORE)                                                                   \
     int NAME(const T *q, const T *k, const T *v, T *out, int64_t B, int64_t h, int64_t g, int64_t S, int64_t hd, \
              int64_t q_batch_stride, int64_t q_head_stride, int64_t kv_batch_stride, int64_t kv_head_stride,     \
              float scale, float softcap) {                                                                       \
-        int64_t chunks = (hd + 15) / 16, group = h / g;                                                          \
+        int64_t chunks = (hd + VL - 1) / VL, group = h / g;                                                      \
         if (chunks > MAX_HEAD_CHUNKS || S < 1) return -1;                                                        \
-        __mmask16 last = hd % 16 ? (__mmask16)((1u << (hd % 16)) - 1) : (__mmask16)0xffff;                      \
         int failed = 0;                                                                                          \
         _Pragma("omp parallel for collapse(2) if (B * h * S * hd >= 65536) reduction(| : failed)")              \
         for (int64_t b = 0; b < B; b++)                                                                          \
@@ -185,39 +279,37 @@ static inline void store_bf16(uint16_t *p, __m512 value, __mmask16 k) {
                 const T *vh = v + b * kv_batch_stride + head / group * kv_head_stride;                           \
                 float *scores = malloc(S * sizeof(float));                                                       \
                 if (!scores) { failed = 1; continue; }                                                           \
-                __m512 query[MAX_HEAD_CHUNKS], acc[MAX_HEAD_CHUNKS];                                             \
+                vf query[MAX_HEAD_CHUNKS], acc[MAX_HEAD_CHUNKS];                                                 \
                 for (int64_t c = 0; c < chunks; c++) {                                                           \
-                    query[c] = LOAD(qh + c * 16, c == chunks - 1 ? last : 0xffff);                               \
-                    acc[c] = _mm512_setzero_ps();                                                                \
+                    query[c] = LOAD(qh + c * VL, hd - c * VL);                                                   \
+                    acc[c] = vzero();                                                                            \
                 }                                                                                                \
                 float top = -INFINITY;                                                                           \
                 for (int64_t s = 0; s < S; s++) {                                                                \
-                    __m512 dot = _mm512_setzero_ps();                                                            \
+                    vf dot = vzero();                                                                            \
                     for (int64_t c = 0; c < chunks; c++)                                                         \
-                        dot = _mm512_fmadd_ps(query[c], LOAD(kh + s * hd + c * 16, c == chunks - 1 ? last : 0xffff), dot); \
-                    float score = _mm512_reduce_add_ps(dot) * scale;                                             \
+                        dot = vfma(query[c], LOAD(kh + s * hd + c * VL, hd - c * VL), dot);                      \
+                    float score = vsum(dot) * scale;                                                             \
                     if (softcap > 0) score = tanhf(score / softcap) * softcap;                                    \
                     scores[s] = score;                                                                           \
                     top = score > top ? score : top;                                                             \
                 }                                                                                                \
-                __m512 totals = _mm512_setzero_ps();                                                             \
-                for (int64_t s = 0; s < S; s += 16) {                                                            \
-                    __mmask16 k = S - s >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (S - s)) - 1);            \
-                    __m512 weights = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, scores + s), _mm512_set1_ps(top))); \
-                    _mm512_mask_storeu_ps(scores + s, k, weights);                                               \
-                    totals = _mm512_add_ps(totals, _mm512_maskz_mov_ps(k, weights));                             \
+                vf totals = vzero();                                                                             \
+                for (int64_t s = 0; s < S; s += VL) {                                                            \
+                    vf weights = vexp(vsub(vload_n(scores + s, S - s), vset(top)));                              \
+                    vstore_n(scores + s, weights, S - s);                                                        \
+                    totals = vadd(totals, vload_n(scores + s, S - s)); /* the stored lanes only */               \
                 }                                                                                                \
-                float total = _mm512_reduce_add_ps(totals);                                                      \
+                float total = vsum(totals);                                                                      \
                 for (int64_t s = 0; s < S; s++) {                                                                \
-                    __m512 w = _mm512_set1_ps(scores[s]);                                                        \
+                    vf w = vset(scores[s]);                                                                      \
                     for (int64_t c = 0; c < chunks; c++)                                                         \
-                        acc[c] = _mm512_fmadd_ps(w, LOAD(vh + s * hd + c * 16, c == chunks - 1 ? last : 0xffff), acc[c]); \
+                        acc[c] = vfma(w, LOAD(vh + s * hd + c * VL, hd - c * VL), acc[c]);                       \
                 }                                                                                                \
                 free(scores);                                                                                    \
-                __m512 inverse = _mm512_set1_ps(1.0f / total);                                                   \
+                vf inverse = vset(1.0f / total);                                                                 \
                 T *oh = out + (b * h + head) * hd;                                                               \
-                for (int64_t c = 0; c < chunks; c++)                                                             \
-                    STORE(oh + c * 16, _mm512_mul_ps(acc[c], inverse), c == chunks - 1 ? last : 0xffff);         \
+                for (int64_t c = 0; c < chunks; c++) STORE(oh + c * VL, vmul(acc[c], inverse), hd - c * VL);     \
             }                                                                                                    \
         return failed ? -1 : 0;                                                                                  \
     }
@@ -229,41 +321,40 @@ DECODE_ATTENTION(lg_attention_bf16, uint16_t, load_bf16, store_bf16)
  * float32 models multiply by w; bfloat16 ones round h to bfloat16 first and multiply by w (Llama, a bfloat16
  * product), or multiply by (offset + w) in float32 and round once (Gemma's 1 + w).
  * Why: torch spends four ops and ~20-40 us per norm on a 576-wide row; a decoding step has two per layer. */
-static inline float sum_of_squares(__m512 (*load)(const void *, int64_t, __mmask16), const void *x, int64_t dim) {
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t i = 0; i < dim; i += 16) {
-        __m512 value = load(x, i, dim - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (dim - i)) - 1));
-        acc = _mm512_fmadd_ps(value, value, acc);
+#define SUM_OF_SQUARES(NAME, T, LOAD)                                                                            \
+    static inline float NAME(const T *x, int64_t dim) {                                                          \
+        vf acc = vzero();                                                                                        \
+        for (int64_t i = 0; i < dim; i += VL) {                                                                  \
+            vf value = LOAD(x + i, dim - i);                                                                     \
+            acc = vfma(value, value, acc);                                                                       \
+        }                                                                                                        \
+        return vsum(acc);                                                                                        \
     }
-    return _mm512_reduce_add_ps(acc);
-}
-static __m512 load_f32_at(const void *x, int64_t i, __mmask16 k) { return load_f32((const float *)x + i, k); }
-static __m512 load_bf16_at(const void *x, int64_t i, __mmask16 k) { return load_bf16((const uint16_t *)x + i, k); }
+SUM_OF_SQUARES(sum_of_squares_f32, float, load_f32)
+SUM_OF_SQUARES(sum_of_squares_bf16, uint16_t, load_bf16)
 
 void lg_rms_norm_f32(const float *x, const float *w, float *out, int64_t rows, int64_t dim, float eps,
                      float weight_offset) {
     for (int64_t row = 0; row < rows; row++, x += dim, out += dim) {
-        __m512 inverse = _mm512_set1_ps(1.0f / sqrtf(sum_of_squares(load_f32_at, x, dim) / (float)dim + eps));
-        for (int64_t i = 0; i < dim; i += 16) {
-            __mmask16 k = dim - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (dim - i)) - 1);
-            __m512 weight = _mm512_add_ps(load_f32(w + i, k), _mm512_set1_ps(weight_offset));
-            store_f32(out + i, _mm512_mul_ps(_mm512_mul_ps(load_f32(x + i, k), inverse), weight), k);
+        vf inverse = vset(1.0f / sqrtf(sum_of_squares_f32(x, dim) / (float)dim + eps));
+        for (int64_t i = 0; i < dim; i += VL) {
+            vf weight = vadd(load_f32(w + i, dim - i), vset(weight_offset));
+            store_f32(out + i, vmul(vmul(load_f32(x + i, dim - i), inverse), weight), dim - i);
         }
     }
 }
 
 void lg_rms_norm_bf16(const uint16_t *x, const uint16_t *w, uint16_t *out, int64_t rows, int64_t dim, float eps,
                       float weight_offset) {
-    float lanes[16];
+    float values[VL];
     for (int64_t row = 0; row < rows; row++, x += dim, out += dim) {
-        float inverse = 1.0f / sqrtf(sum_of_squares(load_bf16_at, x, dim) / (float)dim + eps);
-        for (int64_t i = 0; i < dim; i += 16) {
-            __mmask16 k = dim - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (dim - i)) - 1);
-            _mm512_storeu_ps(lanes, _mm512_mul_ps(load_bf16(x + i, k), _mm512_set1_ps(inverse)));
-            for (int j = 0; j < 16 && i + j < dim; j++) {
+        float inverse = 1.0f / sqrtf(sum_of_squares_bf16(x, dim) / (float)dim + eps);
+        for (int64_t i = 0; i < dim; i += VL) {
+            vstore_n(values, vmul(load_bf16(x + i, dim - i), vset(inverse)), VL);
+            for (int j = 0; j < VL && i + j < dim; j++) {
                 float weight = bf16_to_float(w[i + j]);
-                float value = weight_offset != 0.0f ? lanes[j] * (weight_offset + weight)
-                                                    : bf16_to_float(round_to_bf16_scalar(lanes[j])) * weight;
+                float value = weight_offset != 0.0f ? values[j] * (weight_offset + weight)
+                                                    : bf16_to_float(round_to_bf16_scalar(values[j])) * weight;
                 out[i + j] = round_to_bf16_scalar(value);
             }
         }
@@ -312,25 +403,17 @@ ROPE_WRITE(lg_rope_write_bf16, uint16_t, bf16_to_float, round_through_bf16, roun
 #define SILU_MUL(NAME, T, LOAD, STORE, ROUND)                                                                    \
     void NAME(const T *gate_up, T *out, int64_t rows, int64_t inner) {                                           \
         for (int64_t row = 0; row < rows; row++, gate_up += 2 * inner, out += inner)                             \
-            for (int64_t i = 0; i < inner; i += 16) {                                                            \
-                __mmask16 k = inner - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (inner - i)) - 1);       \
-                __m512 gate = LOAD(gate_up + i, k), up = LOAD(gate_up + inner + i, k);                           \
-                __m512 silu = _mm512_div_ps(gate, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), gate)))); \
-                STORE(out + i, _mm512_mul_ps(ROUND(silu), up), k);                                               \
+            for (int64_t i = 0; i < inner; i += VL) {                                                            \
+                vf gate = LOAD(gate_up + i, inner - i), up = LOAD(gate_up + inner + i, inner - i);               \
+                vf silu = vdiv(gate, vadd(vset(1.0f), vexp(vsub(vzero(), gate))));                               \
+                STORE(out + i, vmul(ROUND(silu), up), inner - i);                                                \
             }                                                                                                    \
     }
 
-static inline __m512 keep_f32(__m512 value) { return value; }
-static inline __m512 round_bf16_lanes(__m512 value) { /* round each lane to bfloat16 and back, to nearest even */
-    __m512i bits = _mm512_castps_si512(value);
-    __m512i rounding = _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1)));
-    __m512i rounded = _mm512_and_si512(_mm512_add_epi32(bits, rounding), _mm512_set1_epi32((int)0xffff0000u));
-    __mmask16 nan = _mm512_cmp_ps_mask(value, value, _CMP_UNORD_Q);
-    return _mm512_mask_mov_ps(_mm512_castsi512_ps(rounded), nan, value);
-}
+static inline vf keep_f32(vf value) { return value; }
 
 SILU_MUL(lg_silu_mul_f32, float, load_f32, store_f32, keep_f32)
-SILU_MUL(lg_silu_mul_bf16, uint16_t, load_bf16, store_bf16, round_bf16_lanes)
+SILU_MUL(lg_silu_mul_bf16, uint16_t, load_bf16, store_bf16, vround_bf16)
 
 /* A whole pre-norm decoder layer (Llama, Mistral, Qwen2, SmolLM: RMSNorm, rotary attention, SiLU-gated MLP) for a
  * one-token step of B rows, composed of the kernels above in exactly the order and roundings of the per-op path
@@ -383,6 +466,4 @@ static inline uint16_t add_bf16(uint16_t a, uint16_t b) { return round_to_bf16_s
     }
 
 DECODER_BLOCK(lg_decoder_block_f32, float, f32, add_f32)
-#ifdef __AVX512BF16__
 DECODER_BLOCK(lg_decoder_block_bf16, uint16_t, bf16, add_bf16)
-#endif

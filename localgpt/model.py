@@ -102,7 +102,7 @@ class Linear(nn.Module):
     """y = x Wᵀ + b with W as (out, in), like nn.Linear, with faster products for the few rows of decoding (one
     token, or one per beam) on CPU, chosen once by Transformer.use_fast_layout:
 
-    - `native`: the AVX-512 loops of kernels.c (native.py), ~26-28 GB/s in float32 and bfloat16 alike;
+    - `native`: the AVX-512 or AVX2 loops of kernels.c (native.py), ~26-28 GB/s in float32 and bfloat16 alike;
     - `parts` > 0: one bmm over `parts` row blocks of W (a view, no copy), one block per core. MKL's float32
       product of one row and an (out, in) weight runs on one core at ~10 GB/s here, the blocked bmm at ~25-30;
     - `packed`: bfloat16 held in oneDNN's packed layout, ~2x F.linear for 1-4 rows (where kernels.c cannot run).

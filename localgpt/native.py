@@ -1,12 +1,13 @@
 """Native decoding kernels (kernels.c), built once per machine with the system C compiler and called via ctypes.
 
-The steps of decoding a few rows (one token, or one per beam) on x86-64 Linux CPUs with AVX-512: products
-(float32; bfloat16 also needs AVX512-BF16), the one-token attention step, RMSNorm, the SiLU-gated MLP product and
-whole Llama-family layers. Anything else, LOCALGPT_NATIVE=0 or no working C compiler leaves torch's own ops in
-place: the kernels only make decoding faster, never different in kind. The library is cached in
-LOCALGPT_HOME/native under a name that hashes the source, the compiler and the CPU's flags, and written atomically,
-so a change of any of them rebuilds it. gcc is what it is built and tested with: its -fopenmp links libgomp.so.1,
-the OpenMP runtime torch ships, so the kernels use torch's threads.
+The steps of decoding a few rows (one token, or one per beam) on x86-64 Linux CPUs with AVX-512 or AVX2+FMA:
+products (float32 and bfloat16; bfloat16 through vdpbf16ps where the CPU has AVX512-BF16, else widened to float32
+in registers), the one-token attention step, RMSNorm, the SiLU-gated MLP product and whole Llama-family layers.
+Anything else, LOCALGPT_NATIVE=0 or no working C compiler leaves torch's own ops in place: the kernels only make
+decoding faster, never different in kind. The library is cached in LOCALGPT_HOME/native under a name that hashes
+the source, the compiler and the CPU's flags, and written atomically, so a change of any of them rebuilds it. gcc
+is what it is built and tested with: its -fopenmp links libgomp.so.1, the OpenMP runtime torch ships, so the
+kernels use torch's threads.
 """
 
 from __future__ import annotations
@@ -26,20 +27,21 @@ import torch
 
 SOURCE = Path(__file__).with_name("kernels.c")
 MAX_HEAD_DIM = 512  # kernels.c's attention holds one head in registers: MAX_HEAD_CHUNKS x 16
-# Every instruction-set extension kernels.c uses (as /proc/cpuinfo names them): avx512f for the float32 kernels,
-# avx512bw and avx512vl for the masked 16-bit loads of the bfloat16 tails (_mm256_maskz_loadu_epi16). The tests
-# compile kernels.c with exactly these (ISA_BUILDS), so a use of anything else breaks the build on any host.
-REQUIRED_FLAGS = {"avx512f", "avx512bw", "avx512vl"}
-BF16_FLAG = "avx512_bf16"  # optional: bfloat16 products through vdpbf16ps (kernels.c checks __AVX512BF16__)
-# The builds kernels.c claims, each as gcc flags on top of the plain x86-64 baseline.
-ISA_BUILDS = {
-    "avx512": ["-march=x86-64", *(f"-m{flag}" for flag in sorted(REQUIRED_FLAGS))],
-    "avx512-bf16": ["-march=x86-64", *(f"-m{flag}" for flag in sorted(REQUIRED_FLAGS)), "-mavx512bf16"],
+# The instruction sets kernels.c is written for, best first, each with every extension its code uses (as
+# /proc/cpuinfo names them): AVX-512 F, BW and VL (the masked 16-bit loads of the bfloat16 tails), or AVX2 with FMA.
+# The tests compile kernels.c with exactly each set (ISA_BUILDS), so a use of anything else breaks the build on any
+# host, and the run-time gate below checks the same sets.
+ISA_FLAGS = {"avx512": {"avx512f", "avx512bw", "avx512vl"}, "avx2": {"avx2", "fma"}}
+BF16_FLAG = "avx512_bf16"  # optional, with AVX-512: bfloat16 products through vdpbf16ps (kernels.c: __AVX512BF16__)
+ISA_BUILDS = {  # gcc flags on top of the plain x86-64 baseline, for each build kernels.c claims
+    "avx2": ["-march=x86-64", "-mavx2", "-mfma"],
+    "avx512": ["-march=x86-64", *(f"-m{flag}" for flag in sorted(ISA_FLAGS["avx512"]))],
+    "avx512-bf16": ["-march=x86-64", *(f"-m{flag}" for flag in sorted(ISA_FLAGS["avx512"])), "-mavx512bf16"],
 }
 # -ffp-contract=off: a * b + c in plain C stays two roundings, as in torch (the rotary step is bit-exact to it)
 COMPILE_FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC"]
-# Flags to pretend this CPU lacks (space or comma separated, /proc/cpuinfo's names): reproduces a CPU without
-# AVX-512 (LOCALGPT_CPU_FLAGS_MASK=avx512f) or without AVX512-BF16 on any machine, for tests and CI.
+# Flags to pretend this CPU lacks (space or comma separated, /proc/cpuinfo's names): reproduces an AVX2-only CPU
+# (LOCALGPT_CPU_FLAGS_MASK=avx512f), one without AVX512-BF16, or one with neither (avx512f,avx2) on any machine.
 MASK_VARIABLE = "LOCALGPT_CPU_FLAGS_MASK"
 
 
@@ -68,6 +70,11 @@ def cpu_flags() -> set[str]:
     except OSError:
         pass
     return set()
+
+
+def isa_for(flags: set[str]) -> str | None:
+    """The best instruction set kernels.c has code for on a CPU with these flags, or None."""
+    return next((isa for isa, needed in ISA_FLAGS.items() if needed <= flags), None)
 
 
 def compile_flags() -> list[str]:
@@ -109,8 +116,8 @@ def build(compiler: str, flags: set[str], target_dir: Path) -> Path:
 
 def load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))  # after torch: its libgomp.so.1 is already loaded and ours resolves to it
-    products = (lib.lg_linear_f32, lib.lg_linear_bf16) if lib.lg_has_bf16() else (lib.lg_linear_f32,)
-    for function in products:
+    lib.lg_isa.restype = ctypes.c_char_p
+    for function in lib.lg_linear_f32, lib.lg_linear_bf16:
         function.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
         function.restype = None
     for function in lib.lg_attention_f32, lib.lg_attention_bf16:
@@ -122,9 +129,7 @@ def load(path: Path) -> ctypes.CDLL:
     for function in lib.lg_silu_mul_f32, lib.lg_silu_mul_bf16:
         function.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
         function.restype = None
-    blocks = (lib.lg_decoder_block_f32, lib.lg_decoder_block_bf16) if lib.lg_has_bf16() else \
-        (lib.lg_decoder_block_f32,)
-    for function in blocks:
+    for function in lib.lg_decoder_block_f32, lib.lg_decoder_block_bf16:
         function.argtypes = [ctypes.POINTER(BlockSpec)] + [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 4 + [ctypes.c_int]
         function.restype = ctypes.c_int
     for function in lib.lg_rms_norm_f32, lib.lg_rms_norm_bf16:
@@ -139,7 +144,7 @@ def library(notify: Callable[[str], None] = notify_stderr) -> ctypes.CDLL | None
     if os.environ.get("LOCALGPT_NATIVE", "1") == "0":
         return None
     flags = cpu_flags()
-    if sys.platform != "linux" or platform.machine() != "x86_64" or not REQUIRED_FLAGS <= flags:
+    if sys.platform != "linux" or platform.machine() != "x86_64" or isa_for(flags) is None:
         return None
     compiler = find_compiler()
     if compiler is None:
@@ -160,6 +165,12 @@ def library(notify: Callable[[str], None] = notify_stderr) -> ctypes.CDLL | None
         return None
 
 
+def isa() -> str | None:
+    """Which build of the kernels runs here ("avx512", "avx2"), or None where torch's ops run."""
+    lib = library()
+    return lib.lg_isa().decode() if lib is not None else None
+
+
 def kernel(name: str, dtype: torch.dtype):
     """kernels.c's `lg_<name>_f32` or `lg_<name>_bf16` for tensors of this dtype."""
     return getattr(library(), f"lg_{name}_{'f32' if dtype == torch.float32 else 'bf16'}")
@@ -171,8 +182,7 @@ def supports(weight: torch.Tensor) -> bool:
         return False
     if weight.dtype not in (torch.float32, torch.bfloat16):
         return False
-    lib = library()
-    return lib is not None and (weight.dtype == torch.float32 or bool(lib.lg_has_bf16()))
+    return library() is not None
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -185,7 +195,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def supports_dtype(dtype: torch.dtype, device: torch.device) -> bool:
-    """True when attention and norms of this dtype can run natively here (any AVX-512 CPU: no bfloat16 math)."""
+    """True when attention and norms of this dtype can run natively here (no bfloat16 math is needed)."""
     return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and library() is not None
 
 

@@ -22,14 +22,11 @@ from localgpt.config import load_config
 from localgpt.model import MLP, Attention, RMSNorm
 from localgpt.weights import load_weights
 
-CAN_RUN = native.REQUIRED_FLAGS <= native.cpu_flags() and native.find_compiler() is not None \
+CAN_RUN = native.isa_for(native.cpu_flags()) is not None and native.find_compiler() is not None \
     and os.environ.get("LOCALGPT_NATIVE", "1") != "0"
-needs_native = pytest.mark.skipif(not CAN_RUN, reason="no AVX-512 or no C compiler: torch's products are used")
+needs_native = pytest.mark.skipif(not CAN_RUN, reason="no AVX-512 or AVX2+FMA, or no C compiler: torch's ops are used")
 DTYPES = [torch.float32, torch.bfloat16]
-
-
-def bf16_kernels() -> bool:
-    return native.library() is not None and bool(native.library().lg_has_bf16())
+NO_SIMD = "avx512f,avx2"  # for LOCALGPT_CPU_FLAGS_MASK: a CPU kernels.c has no code for
 
 
 @pytest.mark.skipif(native.find_compiler() is None or platform.machine() != "x86_64", reason="no x86-64 C compiler")
@@ -43,24 +40,39 @@ def test_kernels_compile_for_every_instruction_set_they_claim(tmp_path, isa):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     symbols = subprocess.run(["nm", "-D", "--defined-only", str(library)], capture_output=True, text=True).stdout
-    assert "lg_decoder_block_f32" in symbols and "lg_attention_bf16" in symbols
-    assert ("lg_linear_bf16" in symbols) == isa.endswith("bf16")
+    for kernel in ("linear", "attention", "rope_write", "rms_norm", "silu_mul", "decoder_block"):
+        assert f"lg_{kernel}_f32" in symbols and f"lg_{kernel}_bf16" in symbols, kernel
 
 
 @needs_native
 def test_kernels_load_wherever_they_can_run():
-    """On a machine with AVX-512 and a compiler, a broken kernels.c must fail here, not fall back quietly."""
+    """On a machine with AVX-512 or AVX2 and a compiler, a broken kernels.c must fail here, not fall back quietly;
+    the build that runs is the best this CPU has, with vdpbf16ps exactly where the CPU has AVX512-BF16."""
     assert native.library() is not None
-    assert bool(native.library().lg_has_bf16()) == (native.BF16_FLAG in native.cpu_flags())
+    assert native.isa() == native.isa_for(native.cpu_flags())
+    expected_dot = native.isa() == "avx512" and native.BF16_FLAG in native.cpu_flags()
+    assert bool(native.library().lg_has_bf16_dot()) == expected_dot
 
 
 def test_masked_flags_reproduce_a_cpu_without_them():
     """LOCALGPT_CPU_FLAGS_MASK hides flags from the gate and from -march=native, on any machine."""
-    script = ("from localgpt import native; print(sorted(native.REQUIRED_FLAGS & native.cpu_flags()), "
-              "native.library() is None, native.compile_flags()[-1])")
-    without_avx512 = run_python(script, LOCALGPT_CPU_FLAGS_MASK="avx512f,avx512bw")
-    assert without_avx512.stdout.split() == ["['avx512vl']" if "avx512vl" in native.cpu_flags() else "[]",
-                                             "True", "-mno-avx512f"], without_avx512.stderr
+    script = "from localgpt import native; print(native.isa(), native.compile_flags()[-1])"
+    assert run_python(script, LOCALGPT_CPU_FLAGS_MASK=NO_SIMD).stdout.split() == ["None", "-mno-avx512f"]
+    if CAN_RUN and "avx2" in native.cpu_flags() and "fma" in native.cpu_flags():
+        avx2 = run_python(script, LOCALGPT_CPU_FLAGS_MASK="avx512f")
+        assert avx2.stdout.split() == ["avx2", "-mno-avx512f"], avx2.stderr
+
+
+@pytest.mark.skipif(not (CAN_RUN and native.isa() == "avx512"), reason="the main run already uses the AVX2 build")
+def test_the_avx2_build_passes_the_kernel_tests_too():
+    """On an AVX-512 host the AVX2 build runs as well (these CPUs have AVX2): the kernel, whole-model and
+    whole-layer tests of this file, again, with AVX-512 hidden."""
+    tests = "matches or decoding_steps or rotary_step or whole_layer or loads_wherever or bf16_dot"
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", tests],
+                            capture_output=True, text=True, timeout=900,
+                            env={**os.environ, "LOCALGPT_CPU_FLAGS_MASK": "avx512f"})
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert " passed" in result.stdout and " skipped" not in result.stdout.splitlines()[-1], result.stdout[-500:]
 
 
 @needs_native
@@ -68,8 +80,6 @@ def test_masked_flags_reproduce_a_cpu_without_them():
 @pytest.mark.parametrize("rows,inner,outer", [(1, 576, 960), (4, 1536, 576), (3, 37, 5), (2, 100, 33),
                                                (5, 64, 7), (16, 72, 130), (1, 16, 1)])
 def test_linear_matches_torch(dtype, rows, inner, outer):
-    if dtype == torch.bfloat16 and not bf16_kernels():
-        pytest.skip("no AVX512-BF16: bfloat16 products stay packed for oneDNN")
     generator = torch.Generator().manual_seed(rows * inner + outer)
     x = torch.randn(rows, inner, generator=generator).to(dtype)
     weight = torch.randn(outer, inner, generator=generator).to(dtype)
@@ -227,9 +237,10 @@ def run_python(code: str, **env) -> subprocess.CompletedProcess:
 
 
 @needs_native
-@pytest.mark.parametrize("switch", [{"LOCALGPT_NATIVE": "0"}, {"LOCALGPT_CPU_FLAGS_MASK": "avx512f"}])
-def test_off_switch_and_a_cpu_without_avx512_keep_torch_ops(tmp_path, switch):
-    """Where the kernels run, the switch (or a CPU without AVX-512, reproduced by the mask) gives torch's ops."""
+@pytest.mark.parametrize("switch", [{"LOCALGPT_NATIVE": "0"}, {"LOCALGPT_CPU_FLAGS_MASK": NO_SIMD}])
+def test_off_switch_and_a_cpu_without_simd_keep_torch_ops(tmp_path, switch):
+    """Where the kernels run, the switch (or a CPU with neither AVX-512 nor AVX2, reproduced by the mask) gives
+    torch's ops."""
     tiny_model(tmp_path, "llama")
     script = ("import torch; from localgpt.weights import load_weights; from localgpt.config import load_config; "
               "from localgpt import native; from localgpt.model import Linear; from pathlib import Path; "
@@ -242,10 +253,17 @@ def test_off_switch_and_a_cpu_without_avx512_keep_torch_ops(tmp_path, switch):
 
 
 @needs_native
-def test_a_cpu_without_avx512_bf16_builds_float32_kernels_only():
-    result = run_python("from localgpt import native; print(bool(native.library().lg_has_bf16()))",
-                        LOCALGPT_CPU_FLAGS_MASK=native.BF16_FLAG)
-    assert result.stdout.strip() == "False" and result.stderr == "", result.stderr
+def test_without_avx512_bf16_bfloat16_products_are_widened_to_float32():
+    """A CPU without AVX512-BF16 (reproduced by the mask) still has bfloat16 kernels, without vdpbf16ps: the
+    products widen bfloat16 to float32 in registers and give torch's answer."""
+    script = ("import torch, torch.nn.functional as F; from localgpt import native; "
+              "g = torch.Generator().manual_seed(0); x = torch.randn(3, 200, generator=g).bfloat16(); "
+              "w = torch.randn(70, 200, generator=g).bfloat16(); y = native.linear(x, w); "
+              "print(native.library().lg_has_bf16_dot(), native.supports(w), "
+              "(y.float() - F.linear(x, w).float()).abs().max().item() < 0.1, "
+              "(y == F.linear(x, w)).float().mean().item() > 0.9)")
+    result = run_python(script, LOCALGPT_CPU_FLAGS_MASK=native.BF16_FLAG)
+    assert result.stdout.split() == ["0", "True", "True", "True"] and result.stderr == "", result.stderr
 
 
 @needs_native
@@ -282,8 +300,6 @@ def test_an_unwritable_home_still_gets_kernels(tmp_path):
 def test_whole_layer_kernel_gives_the_per_op_bits(tmp_path, variant, dtype):
     """lg_decoder_block composes the same kernels in the same order as the per-op native path: every logit and
     cache entry is bit-equal (sliding windows, biases, full multi-head attention, 3 rows as beams)."""
-    if dtype == torch.bfloat16 and not bf16_kernels():
-        pytest.skip("no AVX512-BF16")
     tiny_model(tmp_path, variant)
     model = load_weights(tmp_path, load_config(tmp_path), dtype, torch.device("cpu"))
     assert all(layer.native is not None for layer in model.layers)
@@ -310,19 +326,21 @@ def test_layers_without_a_native_path_keep_torch_ops(tmp_path):
 
 
 def test_cli_answers_the_same_with_and_without_kernels(tmp_path):
-    """Through the real CLI: the kernels (where this CPU runs them), LOCALGPT_NATIVE=0, a CPU without AVX-512
-    (masked) and a compiler that fails all give the same greedy answer (float32 on a tiny model: the same tokens).
+    """Through the real CLI: the kernels (where this CPU runs them), LOCALGPT_NATIVE=0, an AVX2-only CPU and one
+    with neither (masked) and a compiler that fails all give the same greedy answer (float32 on a tiny model: the
+    same tokens).
     Only the failing compiler says anything, in one notice, and only where the kernels would otherwise run."""
     tiny_model(tmp_path, "llama", tokenizer=True, eos_token_id=None)
     answers = {}
-    for name, env in {"native": {}, "failing compiler": {"CC": "/bin/false"}, "off": {"LOCALGPT_NATIVE": "0"},
-                      "no avx512": {"LOCALGPT_CPU_FLAGS_MASK": "avx512f"}}.items():
+    runs = {"native": {}, "failing compiler": {"CC": "/bin/false"}, "off": {"LOCALGPT_NATIVE": "0"},
+            "avx2": {"LOCALGPT_CPU_FLAGS_MASK": "avx512f"}, "no simd": {"LOCALGPT_CPU_FLAGS_MASK": NO_SIMD}}
+    for name, env in runs.items():
         result = run_cli("generate", "-m", str(tmp_path), "Hello", "-t", "0", "-n", "12",
                          env={**env, "LOCALGPT_HOME": str(tmp_path / f"home-{len(answers)}")})
         assert result.returncode == 0, result.stderr
         answers[name] = (result.stdout, result.stderr)
     assert len({stdout for stdout, _ in answers.values()}) == 1, answers
-    assert answers["native"][1] == answers["off"][1] == answers["no avx512"][1] == ""
+    assert answers["native"][1] == answers["off"][1] == answers["avx2"][1] == answers["no simd"][1] == ""
     notice = answers["failing compiler"][1]
     if CAN_RUN:
         assert notice.count("native kernels unavailable") == 1 and len(notice.splitlines()) == 1
