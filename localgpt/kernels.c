@@ -1,4 +1,4 @@
-/* Decoding kernels for localgpt, x86-64 with AVX-512 or AVX2+FMA: the work of one decoding step of a few rows (one
+/* Decoding kernels for localgpt, x86-64 with AVX-512 or AVX2+FMA, and ARM with NEON: the work of one decoding step of a few rows (one
  * token, or one per beam) in float32 and bfloat16 — products y (M, N) = x (M, K) · w (N, K)ᵀ, the one-token
  * attention step with its rotary embedding and cache write, RMSNorm, the SiLU-gated MLP's product, and a whole
  * Llama-family layer made of them (docs/architecture.md, "Native kernels").
@@ -11,7 +11,7 @@
  * OpenMP runtime (same libgomp.so.1), so torch.set_num_threads applies and the two never compete for cores.
  *
  * One source for every instruction set: the kernels are written once against the small vector layer below (VL
- * float32 lanes: 16 with AVX-512F/BW/VL, 8 with AVX2+FMA), and the compiler's target picks the layer. bfloat16
+ * float32 lanes: 16 with AVX-512F/BW/VL, 8 with AVX2+FMA, 4 with NEON), and the compiler's target picks the layer. bfloat16
  * products use AVX512-BF16's vdpbf16ps where the CPU has it; elsewhere bfloat16 is widened to float32 in registers
  * (a bfloat16 is the top half of a float32) and multiplied there, which is exact for the products too.
  *
@@ -19,7 +19,11 @@
  * BLAS); bfloat16 multiplies pairs exactly and sums in float32, then rounds to nearest even, like torch's CPU
  * bfloat16 linear. Elementwise steps round where torch's ops round. Any size works: tails are partial loads.
  */
+#if defined(__x86_64__)
 #include <immintrin.h>
+#elif defined(__aarch64__)
+#include <arm_neon.h>
+#endif
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
@@ -108,11 +112,60 @@ static inline vf vround_bf16(vf value) {
     __m256i rounded = _mm256_and_si256(_mm256_add_epi32(bits, rounding), _mm256_set1_epi32((int)0xffff0000u));
     return _mm256_blendv_ps(_mm256_castsi256_ps(rounded), value, _mm256_cmp_ps(value, value, _CMP_UNORD_Q));
 }
+#elif defined(__aarch64__) && defined(__ARM_NEON)
+#define VL 4
+typedef float32x4_t vf;
+static inline vf vzero(void) { return vdupq_n_f32(0.0f); }
+static inline vf vset(float a) { return vdupq_n_f32(a); }
+static inline vf vload(const float *p) { return vld1q_f32(p); }
+static inline vf vload_n(const float *p, int64_t n) { /* no masked loads in NEON: tails through a copy */
+    if (n >= 4) return vld1q_f32(p);
+    float copy[4] = {0};
+    for (int64_t i = 0; i < n; i++) copy[i] = p[i];
+    return vld1q_f32(copy);
+}
+static inline void vstore_n(float *p, vf v, int64_t n) {
+    if (n >= 4) {
+        vst1q_f32(p, v);
+        return;
+    }
+    float copy[4];
+    vst1q_f32(copy, v);
+    for (int64_t i = 0; i < n; i++) p[i] = copy[i];
+}
+static inline vf vfma(vf a, vf b, vf c) { return vfmaq_f32(c, a, b); }
+static inline vf vfnma(vf a, vf b, vf c) { return vfmsq_f32(c, a, b); }
+static inline vf vadd(vf a, vf b) { return vaddq_f32(a, b); }
+static inline vf vsub(vf a, vf b) { return vsubq_f32(a, b); }
+static inline vf vmul(vf a, vf b) { return vmulq_f32(a, b); }
+static inline vf vdiv(vf a, vf b) { return vdivq_f32(a, b); }
+static inline vf vmax(vf a, vf b) { return vmaxq_f32(a, b); } /* a NaN stays a NaN, as the x86 operand order keeps */
+static inline vf vmin(vf a, vf b) { return vminq_f32(a, b); }
+static inline float vsum(vf a) { return vaddvq_f32(a); }
+static inline vf vround_int(vf a) { return vrndnq_f32(a); }
+static inline vf vscale2(vf p, vf n) { /* as the AVX2 layer: 2^n in the exponent bits, 0 below 2^-126, inf above */
+    int32x4_t exponent = vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127));
+    exponent = vminq_s32(vmaxq_s32(exponent, vdupq_n_s32(0)), vdupq_n_s32(255));
+    return vmulq_f32(p, vreinterpretq_f32_s32(vshlq_n_s32(exponent, 23)));
+}
+static inline vf vload_bf16(const uint16_t *p) { return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(p), 16)); }
+static inline vf vload_bf16_n(const uint16_t *p, int64_t n) {
+    if (n >= 4) return vload_bf16(p);
+    uint16_t copy[4] = {0};
+    for (int64_t i = 0; i < n; i++) copy[i] = p[i];
+    return vload_bf16(copy);
+}
+static inline vf vround_bf16(vf value) {
+    uint32x4_t bits = vreinterpretq_u32_f32(value);
+    uint32x4_t rounding = vaddq_u32(vdupq_n_u32(0x7fff), vandq_u32(vshrq_n_u32(bits, 16), vdupq_n_u32(1)));
+    uint32x4_t rounded = vandq_u32(vaddq_u32(bits, rounding), vdupq_n_u32(0xffff0000u));
+    return vbslq_f32(vceqq_f32(value, value), vreinterpretq_f32_u32(rounded), value); /* NaN lanes kept */
+}
 #else
-#error "localgpt's kernels need AVX-512 (F, BW, VL) or AVX2 with FMA"
+#error "localgpt's kernels need AVX-512 (F, BW, VL), AVX2 with FMA, or ARM NEON"
 #endif
 
-const char *lg_isa(void) { return VL == 16 ? "avx512" : "avx2"; }
+const char *lg_isa(void) { return VL == 16 ? "avx512" : VL == 8 ? "avx2" : "neon"; }
 
 #define MAX_ROWS 4 /* rows of x per pass over the weights: 4 x 2 accumulators stay in registers */
 
@@ -121,7 +174,7 @@ const char *lg_isa(void) { return VL == 16 ? "avx512" : "avx2"; }
  * bandwidth, so they do not). */
 #define PREFETCH_BYTES 16384
 static inline void prefetch_ahead(const void *at, int lines) {
-    for (int line = 0; line < lines; line++) _mm_prefetch((const char *)at + PREFETCH_BYTES + 64 * line, _MM_HINT_T1);
+    for (int line = 0; line < lines; line++) __builtin_prefetch((const char *)at + PREFETCH_BYTES + 64 * line, 0, 2);
 }
 
 /* One weight row n against MB rows of x, two accumulators per x row to hide the FMA latency. LOAD/LOAD_N read VL

@@ -1,6 +1,6 @@
 """Native decoding kernels (kernels.c), built once per machine with the system C compiler and called via ctypes.
 
-The steps of decoding a few rows (one token, or one per beam) on x86-64 Linux CPUs with AVX-512 or AVX2+FMA:
+The steps of decoding a few rows (one token, or one per beam) on Linux CPUs with AVX-512, AVX2+FMA or ARM NEON:
 products (float32 and bfloat16; bfloat16 through vdpbf16ps where the CPU has AVX512-BF16, else widened to float32
 in registers), the one-token attention step, RMSNorm, the SiLU-gated MLP product and whole Llama-family layers.
 Anything else, LOCALGPT_NATIVE=0 or no working C compiler leaves torch's own ops in place: the kernels only make
@@ -28,16 +28,19 @@ import torch
 SOURCE = Path(__file__).with_name("kernels.c")
 MAX_HEAD_DIM = 512  # kernels.c's attention holds one head in registers: MAX_HEAD_CHUNKS x 16
 # The instruction sets kernels.c is written for, best first, each with every extension its code uses (as
-# /proc/cpuinfo names them): AVX-512 F, BW and VL (the masked 16-bit loads of the bfloat16 tails), or AVX2 with FMA.
+# /proc/cpuinfo names them): AVX-512 F, BW and VL (the masked 16-bit loads of the bfloat16 tails), AVX2 with FMA,
+# or on 64-bit ARM the NEON (asimd) every such CPU has.
 # The tests compile kernels.c with exactly each set (ISA_BUILDS), so a use of anything else breaks the build on any
 # host, and the run-time gate below checks the same sets.
-ISA_FLAGS = {"avx512": {"avx512f", "avx512bw", "avx512vl"}, "avx2": {"avx2", "fma"}}
+ISA_FLAGS = {"avx512": {"avx512f", "avx512bw", "avx512vl"}, "avx2": {"avx2", "fma"}, "neon": {"asimd"}}
 BF16_FLAG = "avx512_bf16"  # optional, with AVX-512: bfloat16 products through vdpbf16ps (kernels.c: __AVX512BF16__)
 ISA_BUILDS = {  # gcc flags on top of the plain x86-64 baseline, for each build kernels.c claims
     "avx2": ["-march=x86-64", "-mavx2", "-mfma"],
     "avx512": ["-march=x86-64", *(f"-m{flag}" for flag in sorted(ISA_FLAGS["avx512"]))],
     "avx512-bf16": ["-march=x86-64", *(f"-m{flag}" for flag in sorted(ISA_FLAGS["avx512"])), "-mavx512bf16"],
 }
+NEON_BUILD = ["-march=armv8-a"]  # with an aarch64 compiler (the tests cross-compile it and run it under qemu-user)
+MACHINES = ("x86_64", "aarch64")
 # -ffp-contract=off: a * b + c in plain C stays two roundings, as in torch (the rotary step is bit-exact to it)
 COMPILE_FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC"]
 # Flags to pretend this CPU lacks (space or comma separated, /proc/cpuinfo's names): reproduces an AVX2-only CPU
@@ -61,11 +64,12 @@ def masked_flags() -> set[str]:
 
 
 def cpu_flags() -> set[str]:
-    """This CPU's feature flags as /proc/cpuinfo names them, less any that LOCALGPT_CPU_FLAGS_MASK hides."""
+    """This CPU's feature flags as /proc/cpuinfo names them ("flags" on x86, "Features" on ARM), less any that
+    LOCALGPT_CPU_FLAGS_MASK hides."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             for line in cpuinfo:
-                if line.startswith("flags"):
+                if line.startswith(("flags", "Features")):
                     return set(line.split(":", 1)[1].split()) - masked_flags()
     except OSError:
         pass
@@ -144,7 +148,7 @@ def library(notify: Callable[[str], None] = notify_stderr) -> ctypes.CDLL | None
     if os.environ.get("LOCALGPT_NATIVE", "1") == "0":
         return None
     flags = cpu_flags()
-    if sys.platform != "linux" or platform.machine() != "x86_64" or isa_for(flags) is None:
+    if sys.platform != "linux" or platform.machine() not in MACHINES or isa_for(flags) is None:
         return None
     compiler = find_compiler()
     if compiler is None:
@@ -166,7 +170,7 @@ def library(notify: Callable[[str], None] = notify_stderr) -> ctypes.CDLL | None
 
 
 def isa() -> str | None:
-    """Which build of the kernels runs here ("avx512", "avx2"), or None where torch's ops run."""
+    """Which build of the kernels runs here ("avx512", "avx2", "neon"), or None where torch's ops run."""
     lib = library()
     return lib.lg_isa().decode() if lib is not None else None
 

@@ -44,6 +44,44 @@ def test_kernels_compile_for_every_instruction_set_they_claim(tmp_path, isa):
         assert f"lg_{kernel}_f32" in symbols and f"lg_{kernel}_bf16" in symbols, kernel
 
 
+CHECK_SOURCE = Path(__file__).with_name("native_check.c")
+CHECK_FLAGS = ["-O2", "-fopenmp", "-ffp-contract=off", f"-I{native.SOURCE.parent}", str(CHECK_SOURCE), "-lm"]
+RUNS_ON = {"avx2": native.ISA_FLAGS["avx2"], "avx512": native.ISA_FLAGS["avx512"],
+           "avx512-bf16": native.ISA_FLAGS["avx512"] | {native.BF16_FLAG}}
+
+
+@pytest.mark.skipif(native.find_compiler() is None or platform.machine() != "x86_64", reason="no x86-64 C compiler")
+@pytest.mark.parametrize("isa", sorted(native.ISA_BUILDS))
+def test_every_kernel_passes_its_c_checks_in_each_x86_build_this_cpu_runs(tmp_path, isa):
+    """tests/native_check.c holds every kernel to double-precision references (tails, grouped heads, soft-caps,
+    the whole layer bit-equal to its parts), compiled for exactly one instruction set."""
+    if not RUNS_ON[isa] <= native.cpu_flags():
+        pytest.skip(f"this CPU cannot run the {isa} build (it is still compiled by the test above)")
+    check = tmp_path / f"check-{isa}"
+    built = subprocess.run([native.find_compiler(), *native.ISA_BUILDS[isa], *CHECK_FLAGS, "-o", str(check)],
+                           capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr
+    result = subprocess.run([str(check)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and f"native_check {isa.split('-')[0]}:" in result.stdout, result.stdout[-2000:]
+
+
+def test_the_neon_build_passes_its_c_checks_under_qemu(tmp_path):
+    """ARM: the aarch64 cross compiler (Debian's gcc-aarch64-linux-gnu) builds the NEON layer, and qemu-user runs
+    the same C checks. CI installs both and sets LOCALGPT_REQUIRE_CROSS=1, so there this cannot skip."""
+    compiler, emulator = shutil.which("aarch64-linux-gnu-gcc"), shutil.which("qemu-aarch64")
+    if compiler is None or emulator is None:
+        if os.environ.get("LOCALGPT_REQUIRE_CROSS") == "1":
+            pytest.fail("aarch64-linux-gnu-gcc and qemu-aarch64 are required here (apt-get install "
+                        "gcc-aarch64-linux-gnu qemu-user)")
+        pytest.skip("no aarch64 cross compiler or qemu-aarch64 (apt-get install gcc-aarch64-linux-gnu qemu-user)")
+    check = tmp_path / "check-neon"
+    built = subprocess.run([compiler, *native.NEON_BUILD, "-static", *CHECK_FLAGS, "-o", str(check)],
+                           capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr
+    result = subprocess.run([emulator, str(check)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and "native_check neon:" in result.stdout, result.stdout[-2000:]
+
+
 @needs_native
 def test_kernels_load_wherever_they_can_run():
     """On a machine with AVX-512 or AVX2 and a compiler, a broken kernels.c must fail here, not fall back quietly;
