@@ -239,8 +239,7 @@ static inline float bf16_to_float(uint16_t value) {
     return result;
 }
 
-/* 1: bfloat16 products run here (through vdpbf16ps with AVX512-BF16, else widened to float32 in registers). */
-int lg_has_bf16(void) { return 1; }
+/* 1 where bfloat16 products go through AVX512-BF16's vdpbf16ps; 0 where they widen to float32 in registers. */
 int lg_has_bf16_dot(void) {
 #ifdef __AVX512BF16__
     return 1;

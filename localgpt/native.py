@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("kernels.c")
-MAX_HEAD_DIM = 512  # kernels.c's attention holds one head in registers: MAX_HEAD_CHUNKS x 16
+MAX_HEAD_DIM = 512  # kernels.c holds one head in registers (its MAX_HEAD_DIM): wider heads keep torch attention
 # The instruction sets kernels.c is written for, best first, each with every extension its code uses (as
 # /proc/cpuinfo names them): AVX-512 F, BW and VL (the masked 16-bit loads of the bfloat16 tails), AVX2 with FMA,
 # or on 64-bit ARM the NEON (asimd) every such CPU has.
