@@ -39,6 +39,9 @@ class BenchResult:
     threads: int
     compile_s: float = 0.0
     compute_dtype: str = ""  # what the products run in
+    prefill_sd: float = 0.0  # standard deviations over the repeats, where the tool reports them (llama-bench)
+    decode_sd: float = 0.0
+    source: str = ""  # how the figures were taken, when not by localgpt's own harness
 
     @property
     def gb_per_s(self) -> float:
@@ -180,7 +183,34 @@ def run_llama_cpp(gguf: str, prompt_tokens: int, new_tokens: int, repeats: int, 
     best = best_of(runs)
     quant = Path(gguf).stem.rsplit(".", 1)[-1]
     return BenchResult("llama.cpp", quant, best["ttft_s"], prompt_tokens / best["ttft_s"], best["decode_tps"],
-                       os.path.getsize(gguf), 0.0, load_s, threads)
+                       os.path.getsize(gguf), 0.0, load_s, threads,
+                       source="llama-cpp-python's Python loop, slower than llama.cpp itself: pass --llama-bench PATH")
+
+
+def run_llama_bench(binary: str, gguf: str, prompt_tokens: int, new_tokens: int, repeats: int,
+                    threads: int) -> BenchResult:
+    """llama.cpp's own `llama-bench` on the GGUF: its pp (prompt) and tg (generation) rows, mean ± sd over
+    `repeats` runs. Its time to first token is the prompt's processing time (pp), the nearest figure it reports."""
+    command = [binary, "-m", gguf, "-p", str(prompt_tokens), "-n", str(new_tokens), "-r", str(repeats),
+               "-t", str(threads), "-o", "json"]
+    try:
+        process = subprocess.run(command, capture_output=True, text=True, timeout=3600)
+    except OSError as exc:
+        raise UsageError(f"cannot run llama-bench at {binary}: {exc.strerror or exc}") from None
+    try:
+        rows = json.loads(process.stdout)
+        prompt = next(r for r in rows if r["n_prompt"] == prompt_tokens and r["n_gen"] == 0)
+        generation = next(r for r in rows if r["n_prompt"] == 0 and r["n_gen"] == new_tokens)
+    except (ValueError, StopIteration, KeyError, TypeError):
+        last = (process.stderr.strip().splitlines() or ["no JSON on stdout"])[-1]
+        raise LocalGPTError(f"llama-bench gave no pp{prompt_tokens}/tg{new_tokens} rows ({last})") from None
+    quant = str(generation.get("model_type", "")).split()[-1] if generation.get("model_type") else \
+        Path(gguf).stem.rsplit(".", 1)[-1]
+    child_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # KB on Linux: llama-bench's own
+    return BenchResult("llama.cpp", quant, prompt_tokens / prompt["avg_ts"], prompt["avg_ts"], generation["avg_ts"],
+                       os.path.getsize(gguf), child_peak, 0.0, int(generation.get("n_threads", threads)),
+                       prefill_sd=prompt.get("stddev_ts", 0.0), decode_sd=generation.get("stddev_ts", 0.0),
+                       source=f"llama-bench pp{prompt_tokens}/tg{new_tokens}, mean ± sd of {repeats}")
 
 
 def memory_bandwidth(size_mb: int = 512, repeats: int = 5) -> float:
@@ -230,6 +260,7 @@ def child_main(argv: list[str]) -> None:
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--gguf", default=None)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--llama-bench", default=None)
     args = parser.parse_args(argv)
     try:
         if args.child == "localgpt":
@@ -238,12 +269,16 @@ def child_main(argv: list[str]) -> None:
         elif args.child == "transformers":
             result = run_transformers(args.model, args.dtype, args.quantize, args.prompt_tokens, args.new_tokens,
                                       args.repeats)
+        elif args.llama_bench:
+            result = run_llama_bench(args.llama_bench, args.gguf, args.prompt_tokens, args.new_tokens, args.repeats,
+                                     args.threads)
         else:
             result = run_llama_cpp(args.gguf, args.prompt_tokens, args.new_tokens, args.repeats, args.threads)
     except LocalGPTError as exc:
         print(json.dumps({"error": str(exc)}))
         return
-    result.peak_rss_mb = peak_rss_mb()
+    if not result.peak_rss_mb:  # llama-bench's is its own process's, measured above
+        result.peak_rss_mb = peak_rss_mb()
     print(json.dumps(asdict(result)))
 
 
@@ -292,12 +327,15 @@ def format_table(results: list[BenchResult], bandwidth: float) -> str:
         lines.append(f"{r.implementation:<13} {r.dtype:<9} {r.ttft_s * 1000:>8.0f} {r.prefill_tps:>13.0f} "
                      f"{r.decode_tps:>12.1f} {r.gb_per_s:>6.1f} {r.gb_per_s / bandwidth:>6.0%} "
                      f"{r.peak_rss_mb:>11.0f} {r.load_s:>6.2f}")
+        if r.decode_sd or r.prefill_sd:
+            lines.append(f"{'':<13} {'± sd':<9} {'':>8} {r.prefill_sd:>13.0f} {r.decode_sd:>12.1f}")
     ours = results[0]
     for other in results[1:]:
         # Ratios are ours / theirs: above 1 is better for speeds, below 1 is better for times and memory.
         lines.append(f"{'ratio':<13} {'vs ' + other.implementation:<9} {ours.ttft_s / other.ttft_s:>7.2f}x "
                      f"{ours.prefill_tps / other.prefill_tps:>12.2f}x {ours.decode_tps / other.decode_tps:>11.2f}x "
                      f"{'':>6} {'':>7} {ours.peak_rss_mb / other.peak_rss_mb:>10.2f}x")
+    lines += [f"{r.implementation}: {r.source}" for r in results if r.source]
     return "\n".join(lines)
 
 

@@ -509,6 +509,9 @@ def bench(
         help="Also run transformers (localgpt-cli[bench]) or llama.cpp (llama-cpp-python, needs --gguf).",
     ),
     gguf: str | None = typer.Option(None, "--gguf", help="The GGUF file llama.cpp runs (the same model)."),
+    llama_bench: str | None = typer.Option(
+        None, "--llama-bench", help="llama.cpp's own llama-bench binary, for --compare llama.cpp (else the slower "
+        "llama-cpp-python loop)."),
     compile_step: bool = COMPILE_OPTION,
     as_json: bool = typer.Option(False, "--json", help="JSON for scripts."),
 ):
@@ -532,9 +535,18 @@ def bench(
         raise UsageError("--compare llama.cpp needs --gguf FILE, a GGUF of the same model")
     import importlib.util
 
+    if llama_bench is not None:
+        import shutil
+
+        found = shutil.which(str(Path(llama_bench).expanduser()))
+        if found is None:
+            raise UsageError(f"--llama-bench {llama_bench} is not an executable file")
+        llama_bench = found
     needs = {"transformers": ("transformers", "pip install 'localgpt-cli[bench]'"),
-             "llama.cpp": ("llama_cpp", "pip install llama-cpp-python")}
+             "llama.cpp": ("llama_cpp", "pip install llama-cpp-python, or pass --llama-bench PATH")}
     for name in compare:
+        if name == "llama.cpp" and llama_bench:
+            continue
         module, install = needs[name]
         if importlib.util.find_spec(module) is None:  # said before minutes of measuring, not after
             raise LocalGPTError(f"--compare {name} needs {module}: {install}")
@@ -555,7 +567,8 @@ def bench(
         if name == "transformers":
             results.append(measure(name, model=folder, dtype=results[0].compute_dtype, quantize=quantize, **workload))
         else:
-            results.append(measure(name, gguf=Path(gguf).expanduser(), threads=results[0].threads, **workload))
+            results.append(measure(name, gguf=Path(gguf).expanduser(), threads=results[0].threads,
+                                   llama_bench=llama_bench, **workload))
     if as_json:
         from dataclasses import asdict
 

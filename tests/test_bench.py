@@ -87,3 +87,54 @@ def test_llama_cpp_missing_is_a_clear_error(model, tmp_path):
     result = run("bench", "-m", str(model), "--new-tokens", "2", "--prompt-tokens", "4", "--repeats", "1",
                  "--compare", "llama.cpp", "--gguf", str(gguf), timeout=300)
     assert_clean_error(result, 1, "pip install llama-cpp-python")
+
+
+FAKE_LLAMA_BENCH = '''#!{python}
+"""Stands in for llama.cpp's llama-bench: records its arguments, prints rows in its `-o json` format."""
+import json, sys
+args = sys.argv[1:]
+open({record!r}, "w").write(json.dumps(args))
+value = lambda flag: args[args.index(flag) + 1]
+rows = [
+    dict(model_type="llama 135M F32", n_threads=int(value("-t")), n_prompt=int(value("-p")), n_gen=0,
+         avg_ts=1234.5, stddev_ts=12.5, samples_ts=[1222.0, 1247.0]),
+    dict(model_type="llama 135M F32", n_threads=int(value("-t")), n_prompt=0, n_gen=int(value("-n")),
+         avg_ts=86.25, stddev_ts=0.75, samples_ts=[85.5, 87.0]),
+]
+print(json.dumps(rows, indent=2))
+'''
+
+
+def test_llama_bench_rows_are_read_as_llama_cpp_reports_them(model, tmp_path):
+    """--llama-bench PATH runs llama.cpp's own binary (here a stand-in that prints its JSON) on the same prompt and
+    token counts and threads, and reports its pp/tg means with their standard deviations."""
+    import os
+    import sys
+
+    record = tmp_path / "args.json"
+    binary = tmp_path / "llama-bench"
+    binary.write_text(FAKE_LLAMA_BENCH.format(python=sys.executable, record=str(record)))
+    os.chmod(binary, 0o755)
+    gguf = tmp_path / "model.F32.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(100))
+    result = run("bench", "-m", str(model), "--prompt-tokens", "16", "--new-tokens", "6", "--repeats", "2",
+                 "--compare", "llama.cpp", "--gguf", str(gguf), "--llama-bench", str(binary), "--json", timeout=300)
+    assert result.returncode == 0, result.stderr
+    ours, theirs = json.loads(result.stdout)["results"]
+    args = json.loads(record.read_text())
+    assert args[args.index("-p") + 1] == "16" and args[args.index("-n") + 1] == "6"
+    assert args[args.index("-r") + 1] == "2" and args[args.index("-t") + 1] == str(ours["threads"])
+    assert args[args.index("-m") + 1] == str(gguf) and "json" in args
+    assert theirs["decode_tps"] == 86.25 and theirs["decode_sd"] == 0.75 and theirs["prefill_tps"] == 1234.5
+    assert theirs["dtype"] == "F32" and theirs["source"].startswith("llama-bench pp16/tg6")
+    table = run("bench", "-m", str(model), "--prompt-tokens", "16", "--new-tokens", "6", "--repeats", "1",
+                "--compare", "llama.cpp", "--gguf", str(gguf), "--llama-bench", str(binary), timeout=300)
+    assert "± sd" in table.stdout and "llama.cpp: llama-bench pp16/tg6, mean ± sd of 1" in table.stdout
+
+
+def test_llama_bench_that_is_not_a_program_is_a_usage_error(capsys, model, tmp_path):
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    result = run_in_process(capsys, "bench", "-m", str(model), "--compare", "llama.cpp", "--gguf", str(gguf),
+                            "--llama-bench", str(tmp_path / "nothing"))
+    assert_clean_error(result, 2, "is not an executable file")
