@@ -258,11 +258,10 @@ class ChatSession:
                 except UsageError:
                     continue
         system = data.get("system")
+        self.reset()  # a loaded conversation is a new one: no /stats of before, a new id in the log
         self.system = system if isinstance(system, str) else None
         self.messages = [{"role": m["role"], "content": m["content"]} for m in messages if m["role"] != "system"]
         self.settings = settings
-        self.last = None
-        self.conversation_id = new_conversation_id()
 
 
 def setting_text(value: object) -> str:

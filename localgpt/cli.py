@@ -238,8 +238,7 @@ def load_for_generation(model: str | None, dtype: str, device: str, quantize: st
 
     folder = resolve(model)
     interrupts.marker("loading")
-    with interrupts.deferred():  # checkpoints between tensors keep it prompt
-        loaded = load_model(folder, dtype=dtype, device=device, quantize=quantize)
+    loaded = load_model(folder, dtype=dtype, device=device, quantize=quantize)
     if compile_step:
         from localgpt.compiled import compile_decode
 
@@ -468,9 +467,8 @@ def quantize(
     refuse_existing(target, force)
     print(f"localgpt: quantizing {source} → {target}", file=sys.stderr)
     interrupts.marker("loading")
-    with interrupts.deferred():  # checkpoints between tensors keep it prompt
-        loaded = load_model(source, dtype=compute_dtype, device=device, quantize=flag, skip=skip,
-                            int8_threshold=int8_threshold, fast_layout=False)
+    loaded = load_model(source, dtype=compute_dtype, device=device, quantize=flag, skip=skip,
+                        int8_threshold=int8_threshold, fast_layout=False)
     interrupts.marker("writing")
     write_quantized(loaded.model, source, target, force=force)
     print(f"localgpt: {loaded.model.quantization.label}, {human_size(folder_size(source))} → "
@@ -730,13 +728,14 @@ def chat(
     from localgpt.hub import home
     from localgpt.logs import messages_of
 
-    log = None if no_log or logging_disabled() else Log()
+    history = Log()
+    log = None if no_log or logging_disabled() else history
     earlier = None
     if resume_latest or conversation_id:  # looked up before seconds of loading
-        conversation_id = conversation_id or Log().latest_conversation_id()
+        conversation_id = conversation_id or history.latest_conversation_id()
         if conversation_id is None:
             raise LocalGPTError("no logged conversation to continue yet — 'localgpt chat' starts one")
-        earlier = Log().conversation(conversation_id)
+        earlier = history.conversation(conversation_id)
 
     loaded = load_for_generation(model, dtype, device, quantize, compile_step)
     options = sampling_options(loaded.generation_defaults, temperature, top_k, top_p, min_p, repetition_penalty, seed)

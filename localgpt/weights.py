@@ -278,5 +278,8 @@ def load_model(model_dir: Path, dtype: str = "auto", device: str = "auto", quant
     # Weights are quantized from the compute dtype, as transformers does: quantizing float32 weights and then
     # running 8-bit in bfloat16 matched neither transformers nor the float model (measured on SmolLM2).
     load_dtype = spec.compute_dtype if spec else choose_dtype(dtype, torch_device)
-    model = load_weights(model_dir, config, load_dtype, torch_device, quantize=spec, fast_layout=fast_layout)
+    # Under the CLI a Ctrl-C waits for the next tensor (the checkpoint in the read loop), not inside torch's or
+    # bitsandbytes' native code (localgpt/interrupts.py); a library caller keeps Python's own behaviour.
+    with interrupts.deferred():
+        model = load_weights(model_dir, config, load_dtype, torch_device, quantize=spec, fast_layout=fast_layout)
     return LoadedModel(model, tokenizer, config, load_generation_defaults(model_dir), model_dir)
