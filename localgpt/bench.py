@@ -100,7 +100,8 @@ def run_localgpt(model: str, dtype: str, quantize: str | None, prompt_tokens: in
     quantization = getattr(loaded.model, "quantization", None)  # -q, or a quantized folder
     return BenchResult("localgpt", format_name(compute, quantization and quantization.label), best["ttft_s"],
                        prompt_tokens / best["ttft_s"], best["decode_tps"], loaded.model.weight_bytes(), 0.0, load_s,
-                       torch.get_num_threads(), compile_s, compute)
+                       torch.get_num_threads(), compile_s, compute,
+                       source=f"backend {loaded.model.backend.describe()}")
 
 
 def format_name(compute_dtype: str, quantization: str | None) -> str:

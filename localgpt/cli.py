@@ -228,6 +228,7 @@ def generate(
         write_out("\n")
     if stats:
         print(stats_line(final), file=sys.stderr)
+        print(f"backend: {loaded.model.backend.describe()}", file=sys.stderr)
 
 
 def load_for_generation(model: str | None, dtype: str, device: str, quantize: str | None, compile_step: bool):
@@ -468,7 +469,7 @@ def quantize(
     print(f"localgpt: quantizing {source} → {target}", file=sys.stderr)
     interrupts.marker("loading")
     loaded = load_model(source, dtype=compute_dtype, device=device, quantize=flag, skip=skip,
-                        int8_threshold=int8_threshold, fast_layout=False)
+                        int8_threshold=int8_threshold, backend=None)
     interrupts.marker("writing")
     write_quantized(loaded.model, source, target, force=force)
     print(f"localgpt: {loaded.model.quantization.label}, {human_size(folder_size(source))} → "

@@ -1,6 +1,6 @@
 """torch.compile of the one-token decode step, opt-in (`--compile`).
 
-For machines where localgpt's native kernels cannot run (neither AVX-512 nor AVX2, or no C compiler); where they
+For machines where localgpt's native backend cannot run (neither AVX-512 nor AVX2, or no C compiler); where they
 run, it is skipped with a notice, because the compiled step was slower than them. Measured on SmolLM2-135M here
 without the kernels (docs/benchmarks.md): +10-25% decode tok/s in float32 and nothing measurable in bfloat16 (whose
 products are already one oneDNN call each), for 25-40 s of compilation with a warm inductor cache and 50-110 s cold,
@@ -23,7 +23,7 @@ def compile_decode(model: Transformer, notify=None) -> bool:
     """Compile model.run for one-token steps and warm it up (the compilation happens here, not mid-answer).
     Returns whether the compiled step is in use. `notify(message)` hears what is happening; default stderr."""
     notify = notify or (lambda message: print(f"localgpt: {message}", file=sys.stderr, flush=True))
-    if any(layer.attn.native for layer in model.layers):
+    if model.backend is not None and model.backend.layers:
         # Inductor would replace the native layers with its own kernels: 36 against 51 tok/s in float32 and 65
         # against 79 in bfloat16 on SmolLM2 here (docs/benchmarks.md), after a minute of compiling.
         notify("--compile skipped: the native kernels decode faster than a compiled step here")

@@ -3,6 +3,7 @@
 Architecture differences are switches on ModelConfig. Parameter layout: q/k/v fused into `attn.qkv_proj`, gate and
 up into `mlp.gate_up_proj` (one matmul each while decoding); the loader fills them from the separate checkpoint
 tensors. Shapes: B batch, T new tokens, S cached positions, h heads, g kv heads, hd head dim.
+This file is the math in plain torch; faster decoding paths are swapped in after loading (localgpt/backends).
 """
 
 from __future__ import annotations
@@ -11,12 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from localgpt import native
 from localgpt.cache import KVCache
 from localgpt.config import ModelConfig
 from localgpt.rope import cos_sin, inverse_frequencies
-
-DECODE_ROWS = 16  # up to this many rows (tokens x beams) take the decoding paths (Linear, RMSNorm, MLP)
 
 
 class RMSNorm(nn.Module):
@@ -27,11 +25,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
         self.weight_offset = weight_offset
-        self.native = False  # kernels.c for decoding-sized inputs (Transformer.use_fast_layout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.native and x.numel() <= DECODE_ROWS * x.shape[-1] and not torch.compiler.is_compiling():
-            return native.rms_norm(x, self.weight, self.eps, self.weight_offset)
         if not self.weight_offset and x.dtype == torch.float32:
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one kernel, same float32 math
         h = F.rms_norm(x.float(), self.weight.shape, None, self.eps)  # x * rsqrt(mean(x²) + eps), in float32
@@ -46,101 +41,17 @@ def make_norm(config: ModelConfig, dim: int) -> nn.Module:
     return RMSNorm(dim, config.norm_eps, config.norm_weight_offset)
 
 
-def blocked_product(rows: torch.Tensor, weight: torch.Tensor, parts: int) -> torch.Tensor:
-    """rows (M, in) x weight (out, in)ᵀ → (M, out), as one bmm over `parts` row blocks of the weight (a view)."""
-    blocks = weight.view(parts, -1, weight.shape[1])  # (N, out/N, in)
-    y = torch.bmm(blocks, rows.t().unsqueeze(0).expand(parts, -1, -1))  # (N, out/N, M)
-    return y.reshape(-1, rows.shape[0]).t()  # (M, out): a view when M == 1
-
-
-@torch.library.custom_op("localgpt::blocked_product", mutates_args=())
-def blocked_product_op(rows: torch.Tensor, weight: torch.Tensor, parts: int) -> torch.Tensor:
-    """blocked_product as an opaque op for torch.compile: inductor's CPU lowering turns a product with one column
-    into a generated multiply-and-sum loop, which made the compiled step 2x slower than eager. (Eager calls the
-    plain function: a custom op costs tens of microseconds of dispatch per call.)"""
-    return blocked_product(rows, weight, parts).contiguous()
-
-
-@blocked_product_op.register_fake
-def _(rows: torch.Tensor, weight: torch.Tensor, parts: int) -> torch.Tensor:
-    return rows.new_empty(rows.shape[0], weight.shape[0])
-
-
-def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x (..., in) x weight ᵀ + bias, with the weight in oneDNN's packed layout (Linear.pack)."""
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [None], "")
-
-
-@torch.library.custom_op("localgpt::packed_linear", mutates_args=())
-def packed_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """packed_linear for torch.compile, which cannot trace an oneDNN-layout weight itself."""
-    return packed_linear(x, weight, bias)
-
-
-@packed_linear_op.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
-
-
-@torch.library.custom_op("localgpt::native_linear", mutates_args=())
-def native_linear_op(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """native.linear for torch.compile, which cannot trace a ctypes call."""
-    return native.linear(x, weight)
-
-
-@native_linear_op.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
-
-
-def can_pack(dtype: torch.dtype) -> bool:
-    return dtype == torch.bfloat16 and torch.backends.mkldnn.is_available() and \
-        torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
 class Linear(nn.Module):
-    """y = x Wᵀ + b with W as (out, in), like nn.Linear, with faster products for the few rows of decoding (one
-    token, or one per beam) on CPU, chosen once by Transformer.use_fast_layout:
-
-    - `native`: the AVX-512 or AVX2 loops of kernels.c (native.py), ~26-28 GB/s in float32 and bfloat16 alike;
-    - `parts` > 0: one bmm over `parts` row blocks of W (a view, no copy), one block per core. MKL's float32
-      product of one row and an (out, in) weight runs on one core at ~10 GB/s here, the blocked bmm at ~25-30;
-    - `packed`: bfloat16 held in oneDNN's packed layout, ~2x F.linear for 1-4 rows (where kernels.c cannot run).
-    Prefill-sized inputs keep F.linear (measured, docs/benchmarks.md).
-    """
+    """y = x Wᵀ + b with W as (out, in), like nn.Linear. Backends swap in subclasses with faster decoding products
+    (localgpt/backends); the loader swaps in bitsandbytes layers for quantized ones."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
-        self.parts = 0
-        self.packed = False
-        self.native = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed:  # a Python flag: under torch.compile the weight is a fake tensor that hides its layout
-            product = packed_linear_op if torch.compiler.is_compiling() else packed_linear
-            return product(x, self.weight, self.bias)
-        if x.numel() > DECODE_ROWS * x.shape[-1] or not (self.native or self.parts):
-            return F.linear(x, self.weight, self.bias)
-        if self.native:
-            y = (native_linear_op if torch.compiler.is_compiling() else native.linear)(x, self.weight)  # (..., out)
-        else:
-            *lead, in_features = x.shape
-            product = blocked_product_op if torch.compiler.is_compiling() else blocked_product
-            y = product(x.reshape(-1, in_features), self.weight, self.parts).reshape(*lead, -1)  # (..., out)
-        return y if self.bias is None else y + self.bias
-
-    def use_blocks(self, parts: int) -> None:
-        if parts > 1 and self.weight.shape[0] % parts == 0:
-            self.parts = parts
-
-    def pack(self) -> None:
-        """bfloat16 on CPU: hold the weight in oneDNN's packed layout instead (same bytes, same results bit for
-        bit). Its products ran 2x faster than F.linear for 1-4 rows and ~15% faster for 128 (docs/benchmarks.md)."""
-        packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 1)
-        self.weight = nn.Parameter(packed, requires_grad=False)
-        self.packed = True
+        return F.linear(x, self.weight, self.bias)
 
 
 ACTIVATIONS = {
@@ -173,17 +84,12 @@ class Attention(nn.Module):
         self.scale = config.scale
         self.softcap = config.attn_softcap
         self.window = config.sliding_window if config.is_sliding(layer_index) else None
-        self.native = False  # one-token steps through kernels.c (Transformer.use_fast_layout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: KVCache,
                 start: int) -> torch.Tensor:
         B, T, _ = x.shape
         h, g, hd = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(x)  # (B, T, (h + 2g) * hd)
-        if T == 1 and self.native and not self.qk_norm and not torch.compiler.is_compiling():
-            out = native.decode_attention(qkv, rope, cache, self.layer_index, start, h, self.scale, self.softcap,
-                                          self.window)  # (B, h, 1, hd)
-            return self.o_proj(out.view(B, 1, h * hd))
         q_size, kv_size, _ = self.split_sizes
         v = qkv[..., q_size + kv_size :].view(B, T, g, hd)
         if self.qk_norm:  # Qwen3: per-head RMSNorm before the rotation, separate weights for q and k
@@ -209,8 +115,6 @@ class Attention(nn.Module):
         if self.window is not None and T == 1:
             first_key = max(0, S - self.window)  # decoding: the window is a slice, no mask needed
             keys, values = keys[:, :, first_key:], values[:, :, first_key:]
-        if T == 1 and self.native and not torch.compiler.is_compiling():  # (inductor fuses its own)
-            return native.attention(q, keys, values, self.scale, self.softcap)  # (B, h, 1, hd)
         mask = None
         if T > 1:
             query_pos = torch.arange(start, start + T, device=q.device)[:, None]
@@ -244,11 +148,8 @@ class MLP(nn.Module):
         else:
             self.up_proj = Linear(hidden, inner, bias=config.mlp_bias)
         self.down_proj = Linear(inner, hidden, bias=config.mlp_bias)
-        self.native = False  # SiLU-gated: act(gate) * up through kernels.c (Transformer.use_fast_layout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.native and x.numel() <= DECODE_ROWS * x.shape[-1] and not torch.compiler.is_compiling():
-            return self.down_proj(native.silu_mul(self.gate_up_proj(x)))
         if self.gated:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
             return self.down_proj(self.act(gate) * up)
@@ -263,14 +164,11 @@ class Block(nn.Module):
         self.mlp_norm = make_norm(config, config.hidden_size)
         self.mlp = MLP(config)
         self.sandwich = config.sandwich_norm
-        self.native = None  # the whole one-token layer in kernels.c: a native.BlockSpec (use_fast_layout)
         if self.sandwich:
             self.post_attn_norm = make_norm(config, config.hidden_size)
             self.post_mlp_norm = make_norm(config, config.hidden_size)
 
     def forward(self, x, rope, cache: KVCache, start: int) -> torch.Tensor:
-        if self.native is not None and x.shape[1] == 1 and not torch.compiler.is_compiling():
-            return native.decoder_block(self.native, x, rope, cache, self.attn.layer_index, start)
         attn_out = self.attn(self.input_norm(x), rope, cache, start)
         if self.sandwich:
             attn_out = self.post_attn_norm(attn_out)
@@ -294,35 +192,11 @@ class Transformer(nn.Module):
         self.tie_weights()
         self._rope_cos = self._rope_sin = None  # float32 tables for positions [0, len), built on demand
         self.compiled_step = None  # torch.compile of `run` for one-token steps (localgpt.compiled)
+        self.backend = None  # what localgpt.backends.install put in place, if anything
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight  # one parameter, not a copy
-
-    def use_fast_layout(self, head_only: bool = False) -> None:
-        """On CPU, choose each of our Linear layers' decoding product (see Linear): native kernels where they run
-        here, else bfloat16 packed for oneDNN and float32 as per-core blocked bmm. CUDA keeps F.linear.
-        head_only, for quantized models: bitsandbytes' CPU kernels round their inputs coarsely, which magnifies
-        last-bit differences from transformers into visible ones, so only the head (which feeds nothing) gets a
-        product that sums in another order. Packing changes no bit: it applies to every layer left unquantized."""
-        if self.device.type != "cpu":
-            return
-        tied_head = self.lm_head.weight is self.embed_tokens.weight  # also when tied without config saying so
-        for module in [m for m in self.modules() if isinstance(m, Linear)]:  # quantized layers are not ours
-            may_reorder = not head_only or module is self.lm_head
-            if may_reorder and native.supports(module.weight):
-                module.native = True
-            elif can_pack(module.weight.dtype) and not (module is self.lm_head and tied_head):
-                module.pack()  # (a packed copy of a tied head would cost its size again)
-            elif may_reorder and module.weight.dtype == torch.float32:
-                module.use_blocks(torch.get_num_threads())
-        if not head_only and native.supports_dtype(self.dtype, self.device):
-            for module in self.modules():
-                if isinstance(module, RMSNorm) or isinstance(module, MLP) and module.gated and module.act is F.silu \
-                        or isinstance(module, Attention) and module.head_dim <= native.MAX_HEAD_DIM:
-                    module.native = True
-            for layer in self.layers:
-                layer.native = native.block_spec(layer)
 
     def weight_bytes(self) -> int:
         """Bytes of the weights as stored (a tied head counted once, 4-bit packed bytes as they are): what one

@@ -282,24 +282,9 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def block_spec(block) -> BlockSpec | None:
-    """The layer as kernels.c's lg_block, or None when one of its parts has no native path (GPT-2's LayerNorm,
-    Gemma's GELU or sandwich norms, Qwen3's q/k norms, quantized or packed projections)."""
-    attn, mlp = block.attn, block.mlp
-    if block.sandwich or attn.qk_norm or not (attn.native and mlp.native and block.input_norm.native
-                                              and block.mlp_norm.native):  # mlp.native: gated SiLU
-        return None
-    if not all(p.native for p in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)):
-        return None
-    if block.input_norm.eps != block.mlp_norm.eps or block.input_norm.weight_offset != block.mlp_norm.weight_offset:
-        return None
-    tensors = (block.input_norm.weight, attn.qkv_proj.weight, attn.qkv_proj.bias, attn.o_proj.weight,
-               attn.o_proj.bias, block.mlp_norm.weight, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias,
-               mlp.down_proj.weight, mlp.down_proj.bias)
-    spec = BlockSpec(*[t.data_ptr() if t is not None else None for t in tensors], block.input_norm.weight.shape[0],
-                     attn.num_heads, attn.num_kv_heads, attn.head_dim, mlp.down_proj.weight.shape[1],
-                     attn.window or 0, block.input_norm.eps, block.input_norm.weight_offset, attn.scale,
-                     attn.softcap or 0.0)
+def block_spec(tensors: tuple[torch.Tensor | None, ...], **sizes) -> BlockSpec:
+    """kernels.c's lg_block from one layer's tensors (in WEIGHTS order, None for an absent bias) and its sizes."""
+    spec = BlockSpec(*[t.data_ptr() if t is not None else None for t in tensors], **sizes)
     spec.tensors = tensors  # the addresses stay valid while the spec holds the tensors
     return spec
 

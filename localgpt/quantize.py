@@ -330,7 +330,7 @@ def checkpoint_tensors(model: nn.Module, bnb) -> dict[str, torch.Tensor]:
             continue
         value = model.get_parameter(target.name).data
         if value.is_mkldnn:
-            raise ModelError("the weights are packed for decoding — load with fast_layout=False to write them")
+            raise ModelError("the weights are packed for decoding — load with backend=None to write them")
         if target.rows is not None:
             value = value[target.row_offset : target.row_offset + target.rows].clone()
         tensors[key] = (value.t() if target.transpose else value).contiguous()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from localgpt import interrupts
+from localgpt import backends, interrupts
 from localgpt.checkpoint import TensorEntry, checkpoint_files, quantized_weight_key, read_safetensors_header
 from localgpt.config import ModelConfig, read_json
 from localgpt.errors import ModelError, UsageError
@@ -78,17 +78,16 @@ def _module_name(parameter_name: str) -> str:
 
 
 def load_weights(model_dir: Path, config: ModelConfig, dtype: torch.dtype, device: torch.device,
-                 quantize: QuantSpec | None = None, fast_layout: bool = True) -> Transformer:
+                 quantize: QuantSpec | None = None, backend: str | None = "auto") -> Transformer:
     """Read a checkpoint into a new Transformer. A bitsandbytes checkpoint (quantized weights and their statistics
     in transformers' names) loads its quantized layers as they are; `quantize` quantizes a float checkpoint's
     linear layers as each weight is complete, so only one float layer at a time is held beside the result.
-    With fast_layout (for decoding; a model that will be written keeps the checkpoint's plain layout), weights
-    are then laid out for this device's products (Transformer.use_fast_layout)."""
+    `backend` (localgpt/backends: auto, torch, native) is then installed for decoding; None keeps the plain
+    layout, as a model that will be written must."""
     model = _read_weights(model_dir, config, dtype, device, quantize)
     # Only now, with the reader's buffers gone: packing while they were alive raised peak RSS by 200 MB
     # (bfloat16 SmolLM2), since the memory they freed afterwards was not returned to the system.
-    if fast_layout:
-        model.use_fast_layout(head_only=model.quantization is not None)
+    backends.install(model, backend, head_only=model.quantization is not None)
     return model
 
 
@@ -256,7 +255,7 @@ def choose_device(name: str) -> torch.device:
 
 def load_model(model_dir: Path, dtype: str = "auto", device: str = "auto", quantize: str | None = None,
                skip: str | None = None, int8_threshold: float = DEFAULT_INT8_THRESHOLD,
-               fast_layout: bool = True) -> LoadedModel:
+               backend: str | None = "auto") -> LoadedModel:
     """A model folder → model, tokenizer and config, ready to generate. `quantize` (8, 4, nf4, fp4) quantizes a
     float model's linear layers while loading; a bitsandbytes checkpoint loads quantized by itself. With
     quantization, `dtype` is the compute dtype (auto: the checkpoint's, or the faster one for this device)."""
@@ -281,5 +280,5 @@ def load_model(model_dir: Path, dtype: str = "auto", device: str = "auto", quant
     # Under the CLI a Ctrl-C waits for the next tensor (the checkpoint in the read loop), not inside torch's or
     # bitsandbytes' native code (localgpt/interrupts.py); a library caller keeps Python's own behaviour.
     with interrupts.deferred():
-        model = load_weights(model_dir, config, load_dtype, torch_device, quantize=spec, fast_layout=fast_layout)
+        model = load_weights(model_dir, config, load_dtype, torch_device, quantize=spec, backend=backend)
     return LoadedModel(model, tokenizer, config, load_generation_defaults(model_dir), model_dir)

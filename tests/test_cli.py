@@ -58,6 +58,8 @@ def test_json_and_stats(model):
     assert set(out["timings"]) == {"time_to_first_token_s", "prompt_tokens_per_s", "generation_tokens_per_s"}
     result = run("generate", "-m", str(model), "Hello", "-t", "0", "-n", "4", "--stats")
     assert "answer: 4 tokens" in result.stderr and "first token" in result.stderr
+    backend = result.stderr.splitlines()[-1]  # which backend and products ran (tiny llama: all of it native or torch)
+    assert backend.startswith(("backend: native (", "backend: torch · products: ")) and "products: " in backend
 
 
 def test_stdin_is_the_prompt_and_comes_before_the_argument(model):

@@ -23,18 +23,11 @@ pytest.importorskip("transformers")
 PROMPT = [5, 17, 99, 230, 7, 8, 7, 8, 301, 44, 12, 3]
 
 
-@pytest.fixture(autouse=True)
-def without_native_kernels(monkeypatch):
-    """--compile is for machines where the native kernels cannot run (where they run it is skipped, see below)."""
-    monkeypatch.setattr(native, "supports", lambda weight: False)
-    monkeypatch.setattr(native, "supports_dtype", lambda dtype, device: False)
-
-
-def load_pair(folder, variant):
+def load_pair(folder, variant, backend="torch"):
+    """--compile is for machines where the native backend cannot run (where it runs, compiling is skipped: see
+    below): the torch backend, whose blocked products run inside the compiled step too."""
     reference = tiny_model(folder, variant)
-    model = load_weights(folder, load_config(folder), torch.float32, torch.device("cpu"))
-    model.use_fast_layout()  # what load_model does: the blocked products run inside the compiled step too
-    return reference, model
+    return reference, load_weights(folder, load_config(folder), torch.float32, torch.device("cpu"), backend=backend)
 
 
 @pytest.mark.parametrize("variant", ["llama", "gpt2", "gemma2", "qwen3"])
@@ -97,11 +90,10 @@ def test_generate_compile_flag(tmp_path):
                                                          "faster than a compiled step here"]
 
 
-def test_skipped_where_the_native_kernels_run(tmp_path, monkeypatch):
-    monkeypatch.undo()  # the kernels as this machine has them
+def test_skipped_where_the_native_kernels_run(tmp_path):
     if native.library() is None:
         pytest.skip("no native kernels on this machine: --compile compiles")
-    _, model = load_pair(tmp_path, "llama")
+    _, model = load_pair(tmp_path, "llama", backend="auto")
     notices = []
     assert not compile_decode(model, notify=notices.append)
     assert model.compiled_step is None and notices == ["--compile skipped: the native kernels decode faster than a "

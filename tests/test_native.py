@@ -18,8 +18,11 @@ import torch.nn.functional as F
 
 from helpers import run_cli, tiny_model
 from localgpt import native
+from localgpt.backends import rebuilt_as
+from localgpt.backends.native import NativeAttention, NativeBlock, NativeLinear, NativeMLP, NativeRMSNorm
+from localgpt.backends.native import install as install_native
 from localgpt.config import load_config
-from localgpt.model import MLP, Attention, RMSNorm
+from localgpt.model import MLP, Attention, Block, RMSNorm
 from localgpt.weights import load_weights
 
 CAN_RUN = native.isa_for(native.cpu_flags()) is not None and native.find_compiler() is not None \
@@ -205,19 +208,19 @@ def test_rms_norm_matches_torch(dtype, offset, shape):
         torch.testing.assert_close(actual, expected, rtol=2e-6, atol=2e-6)
 
 
-NATIVE_MODULES = (RMSNorm, Attention, MLP)
+TORCH_CLASSES = {NativeBlock: Block, NativeAttention: Attention, NativeMLP: MLP, NativeRMSNorm: RMSNorm}
 
 
-def use_native(model, enabled: bool, whole_layers: bool | None = None) -> None:
-    """Switch the modules that use_fast_layout gave kernels (gated SiLU MLPs only, among MLPs) on or off; the
-    whole-layer kernel follows `enabled` unless whole_layers says otherwise."""
-    if not hasattr(model, "chosen_for_native"):
-        model.chosen_for_native = [m for m in model.modules() if isinstance(m, NATIVE_MODULES) and m.native]
-        model.layer_specs = [layer.native for layer in model.layers]
-    for module in model.chosen_for_native:
-        module.native = enabled
-    for layer, spec in zip(model.layers, model.layer_specs, strict=True):
-        layer.native = spec if (enabled if whole_layers is None else whole_layers) else None
+def back_to_torch(model, *classes) -> None:
+    """Turn the native backend's modules of these classes back into the model's own (torch) ones, keeping the
+    rest: a model that differs from its twin in exactly one path."""
+    for name, module in list(model.named_modules()):
+        if type(module) in classes:
+            model.set_submodule(name, rebuilt_as(module, TORCH_CLASSES[type(module)]))
+
+
+def load(folder, dtype, backend="native"):
+    return load_weights(folder, load_config(folder), dtype, torch.device("cpu"), backend=backend)
 
 
 @needs_native
@@ -229,12 +232,13 @@ def test_decoding_steps_match_torch_paths(tmp_path, variant, dtype):
     agree with the same model on torch's ops (rotary step, sliding windows, soft-capping, learned positions,
     per-head norms, biases)."""
     tiny_model(tmp_path, variant)
-    model = load_weights(tmp_path, load_config(tmp_path), dtype, torch.device("cpu"))
-    assert all(m.native for m in model.modules() if isinstance(m, (RMSNorm, Attention)))
+    native_model, torch_model = load(tmp_path, dtype, "native"), load(tmp_path, dtype, "torch")
+    assert all(isinstance(m, (NativeRMSNorm, NativeAttention)) for m in native_model.modules()
+               if isinstance(m, (RMSNorm, Attention)))
+    assert native_model.backend.name == "native" and torch_model.backend.name == "torch"
     ids = torch.randint(3, 500, (3, 20), generator=torch.Generator().manual_seed(0))
     runs = []
-    for enabled in (True, False):
-        use_native(model, enabled)
+    for model in (native_model, torch_model):
         cache = model.new_cache(3, 32)
         logits = [model(ids[:, :12], cache, 0, last_only=False)]
         logits += [model(ids[:, i : i + 1], cache) for i in range(12, 20)]
@@ -254,14 +258,14 @@ def test_rotary_step_writes_the_same_bits_as_torch(tmp_path):
     """bfloat16 rounds after each product and after the sum, as torch does: the first decoding step's keys are
     bit-equal (later steps differ through the attention's own rounding, not the rotation)."""
     tiny_model(tmp_path, "llama")
-    model = load_weights(tmp_path, load_config(tmp_path), torch.bfloat16, torch.device("cpu"))
+    native_attention, torch_attention = load(tmp_path, torch.bfloat16), load(tmp_path, torch.bfloat16)
+    back_to_torch(native_attention, NativeBlock, NativeRMSNorm)  # the same inputs to the projection on both sides
+    back_to_torch(torch_attention, NativeBlock, NativeRMSNorm, NativeAttention, NativeMLP)
+    assert isinstance(native_attention.layers[0].attn, NativeAttention)
+    assert type(torch_attention.layers[0].attn) is Attention
     ids = torch.randint(3, 500, (2, 13), generator=torch.Generator().manual_seed(3))
     caches = []
-    for enabled in (True, False):
-        use_native(model, enabled)
-        for module in model.modules():
-            if isinstance(module, RMSNorm):
-                module.native = False  # the same inputs to the projection on both sides
+    for model in (native_attention, torch_attention):
         cache = model.new_cache(2, 16)
         model(ids[:, :12], cache, 0)
         model(ids[:, 12:], cache)
@@ -283,11 +287,11 @@ def test_off_switch_and_a_cpu_without_simd_keep_torch_ops(tmp_path, switch):
     script = ("import torch; from localgpt.weights import load_weights; from localgpt.config import load_config; "
               "from localgpt import native; from localgpt.model import Linear; from pathlib import Path; "
               f"m = load_weights(Path({str(tmp_path)!r}), load_config(Path({str(tmp_path)!r})), torch.float32, "
-              "torch.device('cpu')); print(native.library() is None, any(x.native for x in m.modules() "
-              "if isinstance(x, Linear)))")
-    assert run_python(script).stdout.split() == ["False", "True"]  # without the switch: native products
+              "torch.device('cpu')); print(native.library() is None, m.backend.name, "
+              "any(x.product_kind == 'native' for x in m.modules() if isinstance(x, Linear)))")
+    assert run_python(script).stdout.split() == ["False", "native", "True"]  # without the switch
     result = run_python(script, **switch)
-    assert result.stdout.split() == ["True", "False"], result.stderr
+    assert result.stdout.split() == ["True", "torch", "False"], result.stderr
 
 
 @needs_native
@@ -339,12 +343,14 @@ def test_whole_layer_kernel_gives_the_per_op_bits(tmp_path, variant, dtype):
     """lg_decoder_block composes the same kernels in the same order as the per-op native path: every logit and
     cache entry is bit-equal (sliding windows, biases, full multi-head attention, 3 rows as beams)."""
     tiny_model(tmp_path, variant)
-    model = load_weights(tmp_path, load_config(tmp_path), dtype, torch.device("cpu"))
-    assert all(layer.native is not None for layer in model.layers)
+    whole, per_op = load(tmp_path, dtype, None), load(tmp_path, dtype, None)
+    install_native(whole)
+    install_native(per_op, whole_layers=False)
+    assert all(isinstance(layer, NativeBlock) for layer in whole.layers)
+    assert not any(isinstance(layer, NativeBlock) for layer in per_op.layers)
     ids = torch.randint(3, 500, (3, 20), generator=torch.Generator().manual_seed(0))
     runs = []
-    for whole_layers in (True, False):
-        use_native(model, True, whole_layers=whole_layers)
+    for model in (whole, per_op):
         cache = model.new_cache(3, 32)
         model(ids[:, :12], cache, 0)
         logits = torch.cat([model(ids[:, i : i + 1], cache) for i in range(12, 20)], dim=1)
@@ -359,8 +365,9 @@ def test_layers_without_a_native_path_keep_torch_ops(tmp_path):
         folder = tmp_path / variant
         folder.mkdir()
         tiny_model(folder, variant)
-        model = load_weights(folder, load_config(folder), torch.float32, torch.device("cpu"))
-        assert all(layer.native is None for layer in model.layers), variant
+        model = load(folder, torch.float32)
+        assert not any(isinstance(layer, NativeBlock) for layer in model.layers), variant
+        assert model.backend.layers == {"per op": len(model.layers)}
 
 
 def test_cli_answers_the_same_with_and_without_kernels(tmp_path):
@@ -405,7 +412,7 @@ def test_the_wheel_carries_the_kernel_source(tmp_path):
 def test_heads_wider_than_the_attention_kernel_keep_torch_attention(tmp_path, monkeypatch):
     monkeypatch.setattr(native, "MAX_HEAD_DIM", 8)  # tiny llama's heads are 16 wide
     tiny_model(tmp_path, "llama")
-    model = load_weights(tmp_path, load_config(tmp_path), torch.float32, torch.device("cpu"))
-    assert not any(layer.attn.native for layer in model.layers)
-    assert all(layer.attn.qkv_proj.native for layer in model.layers)  # the products still run natively
-    assert all(layer.native is None for layer in model.layers)  # the whole-layer kernel needs native attention
+    model = load(tmp_path, torch.float32)
+    assert not any(isinstance(layer.attn, NativeAttention) for layer in model.layers)
+    assert all(isinstance(layer.attn.qkv_proj, NativeLinear) for layer in model.layers)  # products stay native
+    assert not any(isinstance(layer, NativeBlock) for layer in model.layers)  # it needs native attention

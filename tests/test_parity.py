@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from helpers import VARIANTS, tiny_model
-from localgpt import native
+from localgpt.backends.torch import PackedLinear, can_pack
 from localgpt.config import load_config
 from localgpt.generate import generate_tokens
-from localgpt.model import Linear, can_pack
+from localgpt.model import Linear
 from localgpt.sampling import SamplingOptions
 from localgpt.weights import load_weights
 
@@ -146,15 +146,13 @@ def test_bfloat16_stays_close(tmp_path):
 @pytest.mark.parametrize("variant", ["llama", "qwen2"])  # untied head; tied head (kept plain) with q/k/v biases
 @torch.no_grad()
 def test_bfloat16_packed_layout_changes_no_bit(tmp_path, variant, monkeypatch):
-    monkeypatch.setattr(native, "supports", lambda weight: False)  # a CPU without native kernels packs instead
-    monkeypatch.setattr(native, "supports_dtype", lambda dtype, device: False)
     tiny_model(tmp_path, variant)
     config = load_config(tmp_path)
-    plain = load_weights(tmp_path, config, torch.bfloat16, torch.device("cpu"), fast_layout=False)
-    packed = load_weights(tmp_path, config, torch.bfloat16, torch.device("cpu"))
+    plain = load_weights(tmp_path, config, torch.bfloat16, torch.device("cpu"), backend=None)
+    packed = load_weights(tmp_path, config, torch.bfloat16, torch.device("cpu"), backend="torch")
     linears = [m for m in packed.modules() if isinstance(m, Linear)]
-    assert all(m.packed for m in linears if m is not packed.lm_head)
-    assert packed.lm_head.packed == (not config.tie_word_embeddings)
+    assert all(isinstance(m, PackedLinear) for m in linears if m is not packed.lm_head)
+    assert isinstance(packed.lm_head, PackedLinear) == (not config.tie_word_embeddings)
     assert packed.weight_bytes() == plain.weight_bytes()
     ids = prompt_ids(7)
     for model in (plain, packed):  # prefill (12 rows) then 8 one-token steps, and 4 rows at a time (beams)

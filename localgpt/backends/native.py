@@ -1,0 +1,151 @@
+"""The native backend: localgpt's C kernels (kernels.c through localgpt/native.py) for the few-row steps of
+decoding on CPU, the torch backend for everything they cannot run.
+
+Per layer, best first: the whole one-token layer as one kernel call (NativeBlock: Llama-family layers with RMSNorm,
+a SiLU-gated MLP and native products throughout); else per op (NativeAttention, NativeRMSNorm, NativeMLP and
+NativeLinear each where they apply: Qwen3's q/k norms, GPT-2's LayerNorm or Gemma's GELU keep torch for their part).
+Prefill-sized inputs go through the model's own torch math.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+import torch.nn.functional as F
+
+from localgpt import native
+from localgpt.backends import DECODE_ROWS, Backend, rebuilt_as
+from localgpt.backends import torch as torch_backend
+from localgpt.model import MLP, Attention, Block, Linear, RMSNorm, Transformer
+
+
+@torch.library.custom_op("localgpt::native_linear", mutates_args=())
+def native_linear_op(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """native.linear for torch.compile, which cannot trace a ctypes call (a quantized model's native head can be
+    compiled with the rest of its step)."""
+    return native.linear(x, weight)
+
+
+@native_linear_op.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def decoding(x: torch.Tensor) -> bool:
+    """A few rows, outside torch.compile (inductor fuses its own): what the kernels are for."""
+    return x.numel() <= DECODE_ROWS * x.shape[-1] and not torch.compiler.is_compiling()
+
+
+class NativeLinear(Linear):
+    product_kind = "native"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() > DECODE_ROWS * x.shape[-1]:
+            return F.linear(x, self.weight, self.bias)
+        y = (native_linear_op if torch.compiler.is_compiling() else native.linear)(x, self.weight)  # (..., out)
+        return y if self.bias is None else y + self.bias
+
+
+class NativeRMSNorm(RMSNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if decoding(x):
+            return native.rms_norm(x, self.weight, self.eps, self.weight_offset)
+        return super().forward(x)
+
+
+class NativeMLP(MLP):
+    """SiLU-gated only: act(gate) * up in one kernel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if decoding(x):
+            return self.down_proj(native.silu_mul(self.gate_up_proj(x)))
+        return super().forward(x)
+
+
+class NativeAttention(Attention):
+    """One-token steps: rotation, cache write and attention in kernels (q/k-normed heads: attention only)."""
+
+    def forward(self, x: torch.Tensor, rope, cache, start: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        if T == 1 and not self.qk_norm and not torch.compiler.is_compiling():
+            h = self.num_heads
+            out = native.decode_attention(self.qkv_proj(x), rope, cache, self.layer_index, start, h, self.scale,
+                                          self.softcap, self.window)  # (B, h, 1, hd)
+            return self.o_proj(out.view(B, 1, h * self.head_dim))
+        return super().forward(x, rope, cache, start)
+
+    def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int) -> torch.Tensor:
+        if q.shape[2] != 1 or torch.compiler.is_compiling():
+            return super().attend(q, keys, values, start)
+        if self.window is not None:  # the window is a slice of the last positions
+            keys, values = keys[:, :, -self.window :], values[:, :, -self.window :]
+        return native.attention(q, keys, values, self.scale, self.softcap)  # (B, h, 1, hd)
+
+
+class NativeBlock(Block):
+    """The whole one-token layer in one kernel call, from the layer's weights as kernels.c's lg_block."""
+
+    spec: native.BlockSpec
+
+    def forward(self, x, rope, cache, start: int) -> torch.Tensor:
+        if x.shape[1] == 1 and not torch.compiler.is_compiling():
+            return native.decoder_block(self.spec, x, rope, cache, self.attn.layer_index, start)
+        return super().forward(x, rope, cache, start)
+
+
+def available(model: Transformer) -> bool:
+    return model.device.type == "cpu" and native.library() is not None
+
+
+def block_spec(block: Block) -> native.BlockSpec | None:
+    """The layer as kernels.c's lg_block, or None when one of its parts has no native path (GPT-2's LayerNorm,
+    Gemma's GELU or sandwich norms, Qwen3's q/k norms, quantized or packed projections)."""
+    attn, mlp = block.attn, block.mlp
+    if block.sandwich or not (isinstance(attn, NativeAttention) and not attn.qk_norm and isinstance(mlp, NativeMLP)
+                              and isinstance(block.input_norm, NativeRMSNorm)
+                              and isinstance(block.mlp_norm, NativeRMSNorm)):
+        return None
+    if not all(isinstance(p, NativeLinear) for p in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)):
+        return None
+    if block.input_norm.eps != block.mlp_norm.eps or block.input_norm.weight_offset != block.mlp_norm.weight_offset:
+        return None
+    tensors = (block.input_norm.weight, attn.qkv_proj.weight, attn.qkv_proj.bias, attn.o_proj.weight,
+               attn.o_proj.bias, block.mlp_norm.weight, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias,
+               mlp.down_proj.weight, mlp.down_proj.bias)
+    return native.block_spec(tensors, hidden=block.input_norm.weight.shape[0], heads=attn.num_heads,
+                             kv_heads=attn.num_kv_heads, head_dim=attn.head_dim, inner=mlp.down_proj.weight.shape[1],
+                             window=attn.window or 0, eps=block.input_norm.eps,
+                             norm_offset=block.input_norm.weight_offset, scale=attn.scale,
+                             softcap=attn.softcap or 0.0)
+
+
+def install(model: Transformer, head_only: bool = False, whole_layers: bool = True) -> Backend:
+    """Swap in the native modules wherever they run here, the torch backend's products elsewhere. whole_layers=False
+    keeps the per-op path for every layer (the tests compare the two bit for bit)."""
+    if not available(model):
+        return torch_backend.install(model, head_only)
+    for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, Linear)]:
+        may_reorder = not head_only or module is model.lm_head
+        if may_reorder and native.supports(module.weight):
+            model.set_submodule(name, rebuilt_as(module, NativeLinear))
+        else:
+            model.set_submodule(name, torch_backend.faster_linear(model, module, may_reorder))
+    layers = Counter()
+    if not head_only and native.supports_dtype(model.dtype, model.device):
+        for name, module in list(model.named_modules()):
+            if type(module) is RMSNorm:
+                model.set_submodule(name, rebuilt_as(module, NativeRMSNorm))
+            elif type(module) is MLP and module.gated and module.act is F.silu:
+                model.set_submodule(name, rebuilt_as(module, NativeMLP))
+            elif type(module) is Attention and module.head_dim <= native.MAX_HEAD_DIM:
+                model.set_submodule(name, rebuilt_as(module, NativeAttention))
+        for index, layer in enumerate(model.layers):
+            spec = block_spec(layer) if whole_layers else None
+            if spec is not None:
+                model.layers[index] = rebuilt_as(layer, NativeBlock)
+                model.layers[index].spec = spec
+                layers["whole-layer kernel"] += 1
+            else:
+                layers["per op"] += 1
+    return Backend("native", isa=native.isa(), layers=layers)
