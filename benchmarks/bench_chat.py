@@ -28,12 +28,13 @@ def main() -> None:
         import smollm2
 
         args.model = smollm2.hf_folder()
-    from localgpt.chat import ChatSession, ChatSettings
+    from localgpt.chat import ChatSession
+    from localgpt.settings import GenerationSettings
     from localgpt.weights import load_model
 
     loaded = load_model(Path(args.model), dtype="auto", device="auto")
     for reuse in (True, False):
-        session = ChatSession(loaded, ChatSettings(temperature=0.0, max_tokens=args.max_tokens))
+        session = ChatSession(loaded, GenerationSettings.of(temperature=0.0, max_tokens=args.max_tokens))
         firsts = []
         for turn in range(args.turns):
             if not reuse:

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from localgpt.generate import Response, check_prompt_fits, prefill, timed_response
+from localgpt.generate import Response, prefill, timed_response
 from localgpt.model import Transformer
+from localgpt.prompt import check_prompt_fits
 from localgpt.sampling import SamplingOptions, process_logits
 from localgpt.settings import BeamOptions
 from localgpt.tokenizer import StreamDecoder

@@ -7,101 +7,31 @@ slash commands; `run_piped` is the same conversation when stdin is not a termina
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from localgpt.errors import LocalGPTError, UsageError
 from localgpt.generate import Response, stream_generate
 from localgpt.logs import new_conversation_id
-from localgpt.sampling import SamplingOptions
+from localgpt.settings import SETTINGS, GenerationSettings, SettingError
 
-SETTINGS_HELP = {
-    "temperature": "0 = greedy",
-    "top_k": "0 = off",
-    "top_p": "(0, 1]",
-    "min_p": "[0, 1], 0 = off",
-    "repetition_penalty": "1 = off",
-    "no_repeat_ngram_size": "0 = off",
-    "max_tokens": "most tokens per reply",
-    "seed": "integer, or none",
-    "num_beams": "1 = no beam search",
-    "length_penalty": "beam score = log-prob / length^F",
-    "early_stopping": "true | false | never (beam search)",
-    "verbose": "on/off: the stats line after each reply",
-}
-
-
-@dataclass
-class ChatSettings:
-    temperature: float = 0.7
-    top_k: int = 0
-    top_p: float = 0.9
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    no_repeat_ngram_size: int = 0
-    max_tokens: int = 1024
-    seed: int | None = None
-    num_beams: int = 1
-    length_penalty: float = 1.0
-    early_stopping: str = "false"
-    verbose: bool = True
-
-    def beams(self):
-        """BeamOptions when num_beams > 1, else None."""
-        if self.num_beams <= 1:
-            return None
-        from localgpt.beam import BeamOptions
-
-        mode = {"true": True, "false": False, "never": "never"}[self.early_stopping]
-        return BeamOptions(self.num_beams, self.length_penalty, mode).validate()
-
-    def sampling(self) -> SamplingOptions:
-        return SamplingOptions(self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty,
-                               self.no_repeat_ngram_size, self.seed).validate()
-
-    def set(self, key: str, value: str) -> None:
-        """`/set key value` with validation; raises UsageError with a one-line reason."""
-        key = key.replace("-", "_")
-        if key not in SETTINGS_HELP:
-            raise UsageError(f"unknown setting '{key}' — settings: {', '.join(SETTINGS_HELP)}")
-        try:
-            if key == "verbose":
-                if value.lower() not in ("on", "off", "true", "false", "1", "0"):
-                    raise ValueError
-                parsed: object = value.lower() in ("on", "true", "1")
-            elif key == "seed":
-                parsed = None if value.lower() in ("none", "off") else int(value)
-            elif key in ("top_k", "max_tokens", "no_repeat_ngram_size", "num_beams"):
-                parsed = int(value)
-            elif key == "early_stopping":
-                if value.lower() not in ("true", "false", "never"):
-                    raise ValueError
-                parsed = value.lower()
-            else:
-                parsed = float(value)
-        except ValueError:
-            raise UsageError(f"'{value}' is not a valid value for {key} ({SETTINGS_HELP[key]})") from None
-        candidate = dataclasses.replace(self, **{key: parsed})
-        candidate.sampling()  # validates the sampling values
-        if candidate.max_tokens < 1:
-            raise UsageError(f"max_tokens must be >= 1, not {candidate.max_tokens}")
-        if candidate.num_beams < 1:
-            raise UsageError(f"num_beams must be >= 1, not {candidate.num_beams}")
-        setattr(self, key, parsed)
+# What /set takes: the chat's generation settings (the schema of settings.py), and the REPL's own switch.
+CHAT_SETTINGS = {name: declared for name, declared in SETTINGS.items() if declared.chat}
+SETTINGS_HELP = {**{name: declared.help for name, declared in CHAT_SETTINGS.items()},
+                 "verbose": "on/off: the stats line after each reply."}
 
 
 class ChatSession:
     """A conversation with a model. Messages are the source of truth; the KV cache mirrors their tokens."""
 
-    def __init__(self, loaded, settings: ChatSettings | None = None, system: str | None = None,
+    def __init__(self, loaded, settings: GenerationSettings | None = None, system: str | None = None,
                  notify=lambda message: None):
         self.loaded = loaded
-        self.settings = settings or ChatSettings()
+        self.settings = settings or GenerationSettings()
+        self.verbose = True  # the stats line after each reply (the REPL's; piped chat turns it off)
         self.system = system
         self.messages: list[dict[str, str]] = []
         self.notify = notify  # one-line notices (e.g. "dropped the oldest turns")
@@ -111,6 +41,19 @@ class ChatSession:
         # Called with (session, prompt, reply, its last Response or None) when a reply ends, Ctrl-C included.
         self.on_reply: Callable[[ChatSession, str, str, Response | None], None] | None = None
         self.conversation_id = new_conversation_id()  # what the log files this conversation's replies under
+
+    def set(self, key: str, value: str) -> None:
+        """`/set key value`: a chat setting, checked; raises UsageError with a one-line reason."""
+        key = key.replace("-", "_")
+        if key == "verbose":
+            parsed = {"on": True, "true": True, "1": True, "off": False, "false": False, "0": False}.get(value.lower())
+            if parsed is None:
+                raise UsageError(f"'{value}' is not a valid value for verbose (on or off)")
+            self.verbose = parsed
+            return
+        if key not in CHAT_SETTINGS:
+            raise UsageError(f"unknown setting '{key}' — settings: {', '.join(SETTINGS_HELP)}")
+        self.settings = self.settings.replace(**{key: value})
 
     @property
     def context_length(self) -> int:
@@ -173,15 +116,16 @@ class ChatSession:
         generated: list[int] = []
         reply = ""
         self.messages.append({"role": "assistant", "content": ""})
-        beams = self.settings.beams()
+        settings = self.settings
+        beams = settings.beams()
         if beams is None:
-            responses = stream_generate(self.loaded.model, self.loaded.tokenizer, prompt_ids,
-                                        self.settings.sampling(), self.settings.max_tokens, cache=self.cache)
+            responses = stream_generate(self.loaded.model, self.loaded.tokenizer, prompt_ids, settings.sampling,
+                                        settings.max_tokens, settings.stop, cache=self.cache)
         else:  # beams run in their own batched cache; the conversation's cache stays as it was
             from localgpt.beam import stream_beam_search
 
-            responses = stream_beam_search(self.loaded.model, self.loaded.tokenizer, prompt_ids,
-                                           self.settings.sampling(), beams, self.settings.max_tokens)
+            responses = stream_beam_search(self.loaded.model, self.loaded.tokenizer, prompt_ids, settings.sampling,
+                                           beams, settings.max_tokens)
         final = None
         try:
             for response in responses:
@@ -220,7 +164,7 @@ class ChatSession:
 
     def to_json(self) -> dict:
         return {"format": "localgpt-chat/1", "model": str(self.loaded.path), "system": self.system,
-                "messages": self.messages, "settings": dataclasses.asdict(self.settings)}
+                "messages": self.messages, "settings": {**self.settings.flat(), "verbose": self.verbose}}
 
     def save(self, path: Path) -> None:
         """Write the conversation as JSON atomically (a temporary file renamed over the target)."""
@@ -250,25 +194,27 @@ class ChatSession:
             for m in messages
         ):
             raise LocalGPTError(f"{path} is not a conversation file (no valid 'messages') — nothing loaded")
-        settings = ChatSettings()
-        for key, value in (data.get("settings") or {}).items():
-            if key in SETTINGS_HELP and value is not None:
+        settings, saved = GenerationSettings(), data.get("settings")
+        for key, value in (saved.items() if isinstance(saved, dict) else ()):
+            if key in CHAT_SETTINGS:
                 try:
-                    settings.set(key, str(value).lower() if isinstance(value, bool) else str(value))
-                except UsageError:
+                    settings = settings.replace(**{key: value})
+                except SettingError:  # a value this version does not take: the default stays
                     continue
         system = data.get("system")
         self.reset()  # a loaded conversation is a new one: no /stats of before, a new id in the log
         self.system = system if isinstance(system, str) else None
         self.messages = [{"role": m["role"], "content": m["content"]} for m in messages if m["role"] != "system"]
         self.settings = settings
+        if isinstance(saved, dict) and isinstance(saved.get("verbose"), bool):
+            self.verbose = saved["verbose"]
 
 
-def setting_text(value: object) -> str:
-    """A setting as /set takes it: on/off for switches, none for an unset seed."""
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    return "none" if value is None else str(value)
+def setting_text(session: ChatSession, name: str) -> str:
+    """A setting's value as /set takes it: on/off for switches, none for an unset seed."""
+    if name == "verbose":
+        return "on" if session.verbose else "off"
+    return SETTINGS[name].text(session.settings.get(name))
 
 
 def stats_text(response: Response, session: ChatSession) -> str:

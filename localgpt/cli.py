@@ -5,8 +5,8 @@ No model logic lives here, and torch is imported only inside commands so `localg
 
 from __future__ import annotations
 
-import dataclasses
 import functools
+import inspect
 import json
 import os
 import sys
@@ -14,16 +14,17 @@ import sys
 import typer
 
 from localgpt import interrupts
-from localgpt.errors import Interrupted, LocalGPTError, ModelError, PromptError, ReaderGone, UsageError
+from localgpt.errors import Interrupted, LocalGPTError, ModelError, ReaderGone, UsageError
 from localgpt.logs import Log, logging_disabled, new_conversation_id
+from localgpt.prompt import build_prompt, encode_prompt
 from localgpt.settings import (
-    DEFAULT_MAX_TOKENS,
-    DEFAULT_TEMPERATURE,
-    DEFAULT_TOP_P,
     DTYPES,
-    BeamOptions,
-    SamplingOptions,
+    SETTINGS,
+    GenerationSettings,
+    Setting,
+    SettingError,
     check_quantize_choice,
+    resolve,
 )
 
 # Typer 0.29 prints a type after every option, `<bool>` after on/off flags (`--raw <bool>`), as if they took a
@@ -66,48 +67,69 @@ def read_stdin_text() -> str | None:
     return data.decode("utf-8", errors="replace").replace("\x00", "")
 
 
-def build_prompt(argument: str | None, stdin_text: str | None) -> str:
-    """stdin first, then a blank line, then the argument (as llm and ollama do)."""
-    parts = [part for part in (stdin_text.strip() if stdin_text else "", argument or "") if part.strip()]
-    if not parts:
-        if stdin_text is None and argument is None:
-            raise UsageError("no prompt — give one as an argument, or pipe text in: echo hi | localgpt generate")
-        raise PromptError("the prompt is empty — give a prompt as an argument or on stdin")
-    return "\n\n".join(parts)
-
-
-def sampling_options(defaults: dict, temperature, top_k, top_p, min_p, repetition_penalty, seed,
-                     no_repeat_ngram_size=0):
-    """Flags win; then the model's generation_config.json; then localgpt's defaults."""
-    if temperature is None:
-        if defaults.get("do_sample") is False:
-            temperature = 0.0  # the model's authors asked for greedy decoding
-        else:
-            temperature = defaults.get("temperature", DEFAULT_TEMPERATURE)
-    return SamplingOptions(
-        temperature=float(temperature),
-        top_k=int(top_k if top_k is not None else defaults.get("top_k", 0)),
-        top_p=float(top_p if top_p is not None else defaults.get("top_p", DEFAULT_TOP_P)),
-        min_p=float(min_p if min_p is not None else defaults.get("min_p", 0.0)),
-        repetition_penalty=float(
-            repetition_penalty if repetition_penalty is not None else defaults.get("repetition_penalty", 1.0)
-        ),
-        no_repeat_ngram_size=no_repeat_ngram_size,
-        seed=seed,
-    ).validate()
-
-
-def check_flags(max_tokens, dtype, temperature, top_k, top_p, min_p, repetition_penalty, seed,
-                no_repeat_ngram_size=0, quantize=None) -> None:
-    """Refuse bad values the user typed before spending seconds on loading a model (or importing torch)."""
+def check_load_flags(dtype: str, quantize: str | None) -> None:
+    """Refuse a bad --dtype or --quantize before spending seconds on loading a model (or importing torch)."""
     if quantize is not None:
         check_quantize_choice(quantize)
-    if max_tokens < 1:
-        raise UsageError(f"--max-tokens must be >= 1, not {max_tokens}")
     if dtype not in DTYPES:
         raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
-    sampling_options({}, temperature if temperature is not None else 0.0, top_k, top_p, min_p, repetition_penalty,
-                     seed, no_repeat_ngram_size)
+
+
+def setting_parameter(declared: Setting) -> inspect.Parameter:
+    """A generation setting as a Typer option: --top-p, with its help, from the one schema (settings.py)."""
+    names = [declared.flag] + ([declared.short] if declared.short else [])
+    default_text = "the model's, else " if declared.model_key else ""
+    default = declared.text(declared.default) if declared.kind != "texts" else None
+    help_text = declared.help + (f" Default: {default_text}{default}." if default is not None else "")
+    if declared.kind == "bool":
+        default_value, annotation = False, bool
+    elif declared.kind == "texts":
+        default_value, annotation = [], list[str]
+    else:  # None: not given, so the model's generation_config.json or the declared default applies
+        default_value, annotation = None, {"float": float, "int": int, "optional-int": int}.get(declared.kind, str)
+        annotation = annotation | None
+    option = typer.Option(default_value, *names, help=help_text, metavar=declared.metavar,
+                          rich_help_panel="Generation settings")
+    return inspect.Parameter(declared.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation)
+
+
+def generation_flags(chat: bool = False):
+    """Give a command one flag per generation setting; it receives `given`, the settings the user typed, already
+    checked (before any model is loaded)."""
+
+    def decorate(function):
+        declared = [s for s in SETTINGS.values() if s.chat or not chat]
+        signature = inspect.signature(function)
+        own = [p for p in signature.parameters.values() if p.name != "given"]
+
+        @functools.wraps(function)
+        def wrapper(**kwargs):
+            given = {}
+            for setting in declared:
+                value = kwargs.pop(setting.name)
+                if value is not None and value is not False and value != []:
+                    given[setting.name] = value
+            try:
+                GenerationSettings.of(**given)
+            except SettingError as error:
+                raise error.for_flags() from None
+            return function(**kwargs, given=given)
+
+        parameters = own + [setting_parameter(s) for s in declared]
+        wrapper.__signature__ = signature.replace(parameters=parameters)
+        wrapper.__annotations__ = {**{k: v for k, v in function.__annotations__.items() if k != "given"},
+                                   **{p.name: p.annotation for p in parameters[len(own):]}}
+        return wrapper
+
+    return decorate
+
+
+def request_settings(given: dict, loaded) -> GenerationSettings:
+    """The flags, over the model's generation_config.json, over the declared defaults."""
+    try:
+        return resolve(given, loaded.generation_defaults)
+    except SettingError as error:
+        raise error.for_flags() from None
 
 
 def write_out(text: str) -> None:
@@ -150,19 +172,10 @@ def command(function=None, *, name: str | None = None):
 
 
 @command
+@generation_flags()
 def generate(
     prompt: str | None = typer.Argument(None, help="The prompt. Text piped on stdin comes first."),
     model: str = MODEL_OPTION,
-    max_tokens: int = typer.Option(DEFAULT_MAX_TOKENS, "--max-tokens", "-n", help="Most tokens to generate."),
-    temperature: float | None = typer.Option(
-        None, "--temperature", "-t", help="0 = greedy. Default: model's, else 0.7."
-    ),
-    top_k: int | None = typer.Option(None, "--top-k", help="Keep the k most likely tokens (0 = off)."),
-    top_p: float | None = typer.Option(None, "--top-p", help="Nucleus sampling mass. Default: model's, else 0.9."),
-    min_p: float | None = typer.Option(None, "--min-p", help="Drop tokens below min_p x the top probability."),
-    repetition_penalty: float | None = typer.Option(None, "--repetition-penalty", help="Above 1 discourages repeats."),
-    seed: int | None = typer.Option(None, "--seed", help="Random seed, for repeatable sampling."),
-    stop: list[str] = typer.Option([], "--stop", metavar="<text>", help="Stop when this text appears (repeatable)."),
     system: str | None = typer.Option(None, "--system", "-s", help="System prompt (chat models)."),
     raw: bool = typer.Option(False, "--raw", help="Send the prompt as-is, without the chat template."),
     truncate: bool = typer.Option(False, "--truncate", help="Keep the end of a prompt longer than the context."),
@@ -170,45 +183,42 @@ def generate(
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
     stats: bool = typer.Option(False, "--stats", help="Print token counts and speed to stderr."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming text."),
-    num_beams: int = typer.Option(1, "--num-beams", help="Beam search with N beams (transformers' semantics)."),
-    length_penalty: float = typer.Option(1.0, "--length-penalty", help="Beam score = log-prob / length^F."),
-    early_stopping: str = typer.Option("false", "--early-stopping", help="true | false | never (beam search)."),
-    num_return_sequences: int = typer.Option(1, "--num-return-sequences", help="Best K beams (K <= beams)."),
-    no_repeat_ngram_size: int = typer.Option(0, "--no-repeat-ngram-size", help="Never repeat an n-gram (0 = off)."),
-    do_sample: bool = typer.Option(False, "--do-sample", help="Beam sampling instead of deterministic beams."),
     quantize: str | None = QUANTIZE_OPTION,
     compile_step: bool = COMPILE_OPTION,
     no_log: bool = NO_LOG_OPTION,
+    given: dict | None = None,
 ):
     """Generate an answer to a prompt, streamed to stdout."""
-    check_flags(max_tokens, dtype, temperature, top_k, top_p, min_p, repetition_penalty, seed, no_repeat_ngram_size,
-                quantize)
-    beams = beam_options(num_beams, length_penalty, early_stopping, num_return_sequences, do_sample, stop)
+    check_load_flags(dtype, quantize)
     text = build_prompt(prompt, read_stdin_text())
 
     loaded = load_for_generation(model, dtype, device, quantize, compile_step)
     from localgpt.generate import stream_generate
 
-    options = sampling_options(loaded.generation_defaults, temperature, top_k, top_p, min_p, repetition_penalty, seed,
-                               no_repeat_ngram_size)
-    prompt_ids = encode_prompt(loaded, text, system, raw, truncate)
-    settings = {**dataclasses.asdict(options), "max_tokens": max_tokens, "stop": stop,
-                **(dataclasses.asdict(beams) if beams else {})}
+    settings = request_settings(given, loaded)
+    interrupts.marker("tokenizing")
+    with interrupts.deferred():  # the tokenizer is a native extension
+        prompt_ids = encode_prompt(loaded.tokenizer, text, loaded.config.context_length, system, raw, truncate,
+                                   notify=say)
+    interrupts.marker("generating")
+    options, beams = settings.sampling, settings.beams()
 
     def log_reply(reply: str, final=None) -> None:
         if not (no_log or logging_disabled()):
-            Log().record(new_conversation_id(), model_name(loaded.path), system, text, reply, settings, final)
+            Log().record(new_conversation_id(), model_name(loaded.path), system, text, reply, settings.flat(), final)
 
     if beams is not None and beams.num_return_sequences > 1:
-        log_reply(print_beams(loaded, prompt_ids, options, beams, max_tokens, as_json))
+        log_reply(print_beams(loaded, prompt_ids, options, beams, settings.max_tokens, as_json))
         return
 
     if beams is None:
-        responses = stream_generate(loaded.model, loaded.tokenizer, prompt_ids, options, max_tokens, stop)
+        responses = stream_generate(loaded.model, loaded.tokenizer, prompt_ids, options, settings.max_tokens,
+                                    settings.stop)
     else:
         from localgpt.beam import stream_beam_search
 
-        responses = stream_beam_search(loaded.model, loaded.tokenizer, prompt_ids, options, beams, max_tokens)
+        responses = stream_beam_search(loaded.model, loaded.tokenizer, prompt_ids, options, beams,
+                                       settings.max_tokens)
     pieces: list[str] = []
     final = None
     try:
@@ -232,39 +242,10 @@ def generate(
 
 
 def load_for_generation(model: str | None, dtype: str, device: str, quantize: str | None, compile_step: bool):
-    from localgpt.hub import resolve
-
     interrupts.marker("importing")
-    from localgpt.weights import load_model  # torch: a Ctrl-C waits for the import (localgpt/interrupts.py)
+    from localgpt.weights import load_reference  # torch: a Ctrl-C waits for the import (localgpt/interrupts.py)
 
-    folder = resolve(model)
-    interrupts.marker("loading")
-    loaded = load_model(folder, dtype=dtype, device=device, quantize=quantize)
-    if compile_step:
-        from localgpt.compiled import compile_decode
-
-        compile_decode(loaded.model)
-    return loaded
-
-
-def beam_options(num_beams: int, length_penalty: float, early_stopping: str, num_return_sequences: int,
-                 do_sample: bool, stop: list[str]):
-    """The beam flags → BeamOptions (None for ordinary decoding), refusing combinations that mean nothing."""
-    modes = {"true": True, "false": False, "never": "never"}
-    if early_stopping.lower() not in modes:
-        raise UsageError(f"--early-stopping must be true, false or never, not {early_stopping!r}")
-    if num_beams < 1:
-        raise UsageError(f"--num-beams must be >= 1, not {num_beams}")
-    if num_return_sequences > num_beams:
-        raise UsageError(f"--num-return-sequences ({num_return_sequences}) cannot exceed --num-beams ({num_beams})")
-    if num_return_sequences < 1:
-        raise UsageError(f"--num-return-sequences must be >= 1, not {num_return_sequences}")
-    if num_beams == 1:
-        return None
-    if stop:
-        raise UsageError("--stop works with one beam only — drop --stop or --num-beams")
-    return BeamOptions(num_beams, length_penalty, modes[early_stopping.lower()], num_return_sequences,
-                       do_sample).validate()
+    return load_reference(model, dtype, device, quantize, compile_step)
 
 
 def print_beams(loaded, prompt_ids: list[int], options, beams, max_tokens: int, as_json: bool) -> str:
@@ -281,31 +262,6 @@ def print_beams(loaded, prompt_ids: list[int], options, beams, max_tokens: int, 
     else:
         write_out("\n\n".join(texts) + "\n")
     return texts[0]
-
-
-def encode_prompt(loaded, text: str, system: str | None, raw: bool, truncate: bool) -> list[int]:
-    """Chat models get the text as a user message (plus the system prompt); --raw or no template: the text as-is."""
-    from localgpt.generate import check_prompt_fits
-
-    tokenizer = loaded.tokenizer
-    interrupts.marker("tokenizing")
-    with interrupts.deferred():  # the tokenizer is a native extension
-        if raw or tokenizer.chat_template is None:
-            if system and not raw:
-                print("localgpt: this model has no chat template; --system is ignored", file=sys.stderr)
-            ids = tokenizer.encode(text)
-        else:
-            messages = [{"role": "system", "content": system}] if system else []
-            ids = tokenizer.encode_chat(messages + [{"role": "user", "content": text}])
-    interrupts.marker("generating")
-    context = loaded.config.context_length
-    if len(ids) >= context:
-        if not truncate:
-            check_prompt_fits(len(ids), context)  # raises the error that names both lengths
-        keep = context // 2  # leave room to answer
-        print(f"localgpt: the prompt was {len(ids)} tokens; kept its last {keep}", file=sys.stderr)
-        ids = ids[-keep:]
-    return ids
 
 
 def response_json(text: str, final) -> dict:
@@ -328,6 +284,11 @@ def stats_line(final) -> str:
         f"answer: {final.generation_tokens} tokens, {final.generation_tps:.1f} tok/s · "
         f"first token: {final.time_to_first_token * 1000:.0f} ms · finish: {final.finish_reason}"
     )
+
+
+def say(message: str) -> None:
+    """A one-line notice on stderr, in localgpt's voice."""
+    print(f"localgpt: {message}", file=sys.stderr)
 
 
 def report_error(message: str, code: int) -> int:
@@ -524,7 +485,7 @@ def bench(
     from localgpt.bench import format_table, machine_description, measure, memory_bandwidth
     from localgpt.hub import resolve
 
-    check_flags(1, dtype, None, None, None, None, None, None, 0, quantize)
+    check_load_flags(dtype, quantize)
     if prompt_tokens < 1 or new_tokens < 2 or repeats < 1:
         raise UsageError("--prompt-tokens must be >= 1, --new-tokens >= 2 and --repeats >= 1")
     unknown = [name for name in compare if name not in ("transformers", "llama.cpp")]
@@ -702,16 +663,10 @@ def logs(
 
 
 @command
+@generation_flags(chat=True)
 def chat(
     model: str = MODEL_OPTION,
     system: str | None = typer.Option(None, "--system", "-s", help="System prompt."),
-    max_tokens: int = typer.Option(1024, "--max-tokens", "-n", help="Most tokens per reply."),
-    temperature: float | None = typer.Option(None, "--temperature", "-t", help="0 = greedy."),
-    top_k: int | None = typer.Option(None, "--top-k"),
-    top_p: float | None = typer.Option(None, "--top-p"),
-    min_p: float | None = typer.Option(None, "--min-p"),
-    repetition_penalty: float | None = typer.Option(None, "--repetition-penalty"),
-    seed: int | None = typer.Option(None, "--seed"),
     dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 | float16"),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
     no_history: bool = typer.Option(False, "--no-history", help="Do not read or write LOCALGPT_HOME/history."),
@@ -720,12 +675,13 @@ def chat(
     resume_latest: bool = typer.Option(False, "--continue", "-c", help="Continue the latest logged conversation."),
     conversation_id: str | None = typer.Option(None, "--cid", help="Continue the logged conversation with this id."),
     no_log: bool = NO_LOG_OPTION,
+    given: dict | None = None,
 ):
     """Chat with a model. With stdin not a terminal: one message per line, each reply followed by a blank line."""
-    check_flags(max_tokens, dtype, temperature, top_k, top_p, min_p, repetition_penalty, seed, quantize=quantize)
+    check_load_flags(dtype, quantize)
     if resume_latest and conversation_id:
         raise UsageError("--continue and --cid both name a conversation — give one")
-    from localgpt.chat import ChatSession, ChatSettings, run_piped
+    from localgpt.chat import ChatSession, run_piped
     from localgpt.hub import home
     from localgpt.logs import messages_of
 
@@ -739,13 +695,8 @@ def chat(
         earlier = history.conversation(conversation_id)
 
     loaded = load_for_generation(model, dtype, device, quantize, compile_step)
-    options = sampling_options(loaded.generation_defaults, temperature, top_k, top_p, min_p, repetition_penalty, seed)
-    settings = ChatSettings(temperature=options.temperature, top_k=options.top_k, top_p=options.top_p,
-                            min_p=options.min_p, repetition_penalty=options.repetition_penalty,
-                            max_tokens=max_tokens, seed=seed)
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
-    session = ChatSession(loaded, settings, system,
-                          notify=lambda message: print(f"localgpt: {message}", file=sys.stderr))
+    session = ChatSession(loaded, request_settings(given, loaded), system, notify=say)
     if earlier is not None:
         session.system = system if system is not None else earlier["system"]
         session.resume(messages_of(earlier), earlier["id"])
@@ -755,9 +706,9 @@ def chat(
     if log is not None:
         name = model_name(loaded.path)
         session.on_reply = lambda chat, prompt, reply, final: log.record(
-            chat.conversation_id, name, chat.system, prompt, reply, dataclasses.asdict(chat.settings), final)
+            chat.conversation_id, name, chat.system, prompt, reply, chat.settings.flat(), final)
     if not interactive:
-        settings.verbose = False
+        session.verbose = False
         run_piped(session, sys.stdin, sys.stdout)
         return
     from rich.console import Console

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from localgpt.cache import KVCache
-from localgpt.errors import PromptError
 from localgpt.model import Transformer
+from localgpt.prompt import check_prompt_fits
 from localgpt.sampling import SamplingOptions, process_logits, sample
 from localgpt.tokenizer import StreamDecoder
 
@@ -44,16 +44,6 @@ def timed_response(text: str, token: int | None, prompt_tokens: int, generated: 
     return Response(text, token, prompt_tokens, generated, finish_reason, ttft,
                     prompt_tokens / ttft if ttft > 0 else 0.0,
                     (generated - 1) / decode_time if generated > 1 and decode_time > 0 else 0.0)
-
-
-def check_prompt_fits(prompt_len: int, context_length: int) -> None:
-    if prompt_len == 0:
-        raise PromptError("the prompt is empty — give a prompt as an argument or on stdin")
-    if prompt_len >= context_length:
-        raise PromptError(
-            f"the prompt is {prompt_len} tokens but the model's context is {context_length} tokens — "
-            "shorten it, or pass --truncate to keep its end"
-        )
 
 
 def prefill(model: Transformer, ids: torch.Tensor, cache: KVCache, chunk: int | None = None) -> torch.Tensor:

@@ -147,7 +147,7 @@ class Repl:
             return
         out.end()
         last = self.session.last
-        if self.session.settings.verbose and last is not None:
+        if self.session.verbose and last is not None:
             self.console.print(f"[dim]{stats_text(last, self.session)}[/dim]", highlight=False)
 
     def command(self, line: str):
@@ -196,20 +196,20 @@ class Repl:
         return None
 
     def set(self, argument: str) -> None:
-        settings = self.session.settings
+        session = self.session
         key, _, value = argument.partition(" ")
         if not key:
             for name, hint in SETTINGS_HELP.items():
-                self.console.print(f"  {name:<22} {setting_text(getattr(settings, name)):<8} {hint}", markup=False,
+                self.console.print(f"  {name:<22} {setting_text(session, name):<8} {hint}", markup=False,
                                    highlight=False)
             return
         if key == "verbose" and not value.strip():
-            settings.verbose = not settings.verbose
-            self.console.print(f"[dim]verbose {'on' if settings.verbose else 'off'}[/dim]")
+            session.verbose = not session.verbose
+            self.console.print(f"[dim]verbose {'on' if session.verbose else 'off'}[/dim]")
             return
         if not value.strip():
             raise LocalGPTError(f"/set {key} needs a value ({SETTINGS_HELP.get(key, 'see /set')})")
-        settings.set(key, value.strip())
+        session.set(key, value.strip())
         self.console.print(f"[dim]Set {key.replace('-', '_')} to {value.strip()}.[/dim]", highlight=False)
 
     def show(self) -> None:
@@ -220,7 +220,7 @@ class Repl:
             ("model", str(loaded.path)), ("architecture", config.model_type), ("parameters", f"{parameters:,}"),
             ("context", f"{config.context_length} tokens"), ("dtype", str(loaded.model.dtype).removeprefix("torch.")),
             ("system", self.system_shown()), ("messages", str(len(session.messages))),
-        ] + [(name, setting_text(getattr(session.settings, name))) for name in SETTINGS_HELP]
+        ] + [(name, setting_text(session, name)) for name in SETTINGS_HELP]
         for key, value in rows:
             self.console.print(f"  {key:<22} {value}", markup=False, highlight=False)
 

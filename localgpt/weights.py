@@ -282,3 +282,20 @@ def load_model(model_dir: Path, dtype: str = "auto", device: str = "auto", quant
     with interrupts.deferred():
         model = load_weights(model_dir, config, load_dtype, torch_device, quantize=spec, backend=backend)
     return LoadedModel(model, tokenizer, config, load_generation_defaults(model_dir), model_dir)
+
+
+def load_reference(reference: str | None, dtype: str = "auto", device: str = "auto", quantize: str | None = None,
+                   compile_step: bool = False) -> LoadedModel:
+    """A model reference as the user gives it (folder, hub repo id, name from `localgpt list`, None for the
+    default model) → a LoadedModel ready to generate, downloading it first if need be; compile_step compiles the
+    decode step (localgpt.compiled, which says so first)."""
+    from localgpt.hub import resolve
+
+    folder = resolve(reference)
+    interrupts.marker("loading")
+    loaded = load_model(folder, dtype=dtype, device=device, quantize=quantize)
+    if compile_step:
+        from localgpt.compiled import compile_decode
+
+        compile_decode(loaded.model)
+    return loaded

@@ -12,8 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from helpers import run_cli, tiny_model
-from localgpt.chat import ChatSession, ChatSettings, read_blocks
+from localgpt.chat import ChatSession, read_blocks
 from localgpt.errors import LocalGPTError, UsageError
+from localgpt.settings import GenerationSettings
 from localgpt.weights import load_model
 
 GREEDY = dict(temperature=0.0, max_tokens=6)
@@ -36,7 +37,7 @@ def reply(session: ChatSession, text: str) -> str:
 
 
 def test_turns_remember_and_reuse_the_cache(loaded, monkeypatch):
-    session = ChatSession(loaded, ChatSettings(**GREEDY), system="Be brief.")
+    session = ChatSession(loaded, GenerationSettings.of(**GREEDY), system="Be brief.")
     first = reply(session, "Hello there")
     assert [m["role"] for m in session.messages] == ["user", "assistant"] and session.messages[1]["content"] == first
     prefilled = []
@@ -47,26 +48,26 @@ def test_turns_remember_and_reuse_the_cache(loaded, monkeypatch):
     full_prompt = len(session.loaded.tokenizer.encode_chat(session.conversation()[:-1]))
     assert prefilled[0] < full_prompt / 2  # only the new turn was prefilled
     # The same conversation from scratch gives the same answer: the reused cache is exact.
-    fresh = ChatSession(loaded, ChatSettings(**GREEDY), system="Be brief.")
+    fresh = ChatSession(loaded, GenerationSettings.of(**GREEDY), system="Be brief.")
     fresh.messages = [dict(m) for m in session.messages[:2]]
     assert reply(fresh, "And again") == second
 
 
 def test_interrupted_reply_is_kept_and_the_next_turn_is_exact(loaded):
-    session = ChatSession(loaded, ChatSettings(temperature=0.0, max_tokens=20))
+    session = ChatSession(loaded, GenerationSettings.of(temperature=0.0, max_tokens=20))
     responses = session.send("Tell me a story")
     partial = "".join(next(responses).text for _ in range(3))
     responses.close()  # what Ctrl-C does to the stream
     assert session.messages[-1] == {"role": "assistant", "content": partial}
     after = reply(session, "Go on")
-    fresh = ChatSession(loaded, ChatSettings(temperature=0.0, max_tokens=20))
+    fresh = ChatSession(loaded, GenerationSettings.of(temperature=0.0, max_tokens=20))
     fresh.messages = [dict(m) for m in session.messages[:2]]
     assert reply(fresh, "Go on") == after
 
 
 def test_overflow_drops_oldest_turns_not_system_or_latest(loaded):
     notices = []
-    session = ChatSession(loaded, ChatSettings(temperature=0.0, max_tokens=8), system="SYSTEM",
+    session = ChatSession(loaded, GenerationSettings.of(temperature=0.0, max_tokens=8), system="SYSTEM",
                           notify=notices.append)
     for turn in range(12):
         reply(session, f"message {turn} " + "word " * 20)
@@ -77,14 +78,14 @@ def test_overflow_drops_oldest_turns_not_system_or_latest(loaded):
 
 
 def test_a_message_longer_than_the_context_is_refused(loaded):
-    session = ChatSession(loaded, ChatSettings(**GREEDY))
+    session = ChatSession(loaded, GenerationSettings.of(**GREEDY))
     with pytest.raises(LocalGPTError, match="context"):
         list(session.send("word " * 400))
     assert session.messages == []
 
 
 def test_retry_regenerates_the_last_reply(loaded):
-    session = ChatSession(loaded, ChatSettings(**GREEDY))
+    session = ChatSession(loaded, GenerationSettings.of(**GREEDY))
     first = reply(session, "Hello")
     again = "".join(r.text for r in session.retry())
     assert again == first and len(session.messages) == 2
@@ -94,23 +95,23 @@ def test_retry_regenerates_the_last_reply(loaded):
 
 
 def test_save_and_load_round_trip(loaded, tmp_path):
-    session = ChatSession(loaded, ChatSettings(**GREEDY), system="S")
+    session = ChatSession(loaded, GenerationSettings.of(**GREEDY), system="S")
     reply(session, "Hello")
-    session.settings.set("top_k", "5")
+    session.set("top_k", "5")
     session.save(tmp_path / "chat.json")
     data = json.loads((tmp_path / "chat.json").read_text())
     assert data["messages"] == session.messages and data["system"] == "S" and data["settings"]["top_k"] == 5
     assert [p.name for p in tmp_path.iterdir()] == ["chat.json"]  # no temporary file left behind
-    other = ChatSession(loaded, ChatSettings())
+    other = ChatSession(loaded, GenerationSettings())
     other.load(tmp_path / "chat.json")
-    assert other.messages == session.messages and other.system == "S" and other.settings.top_k == 5
+    assert other.messages == session.messages and other.system == "S" and other.settings.get("top_k") == 5
 
 
 @pytest.mark.parametrize("content", ["{broken", '{"messages": [{"role": "x"}]}', "[]", "\x00\xff"])
 def test_corrupt_conversation_files_change_nothing(loaded, tmp_path, content):
     path = tmp_path / "bad.json"
     path.write_bytes(content.encode("utf-8", "surrogateescape") if isinstance(content, str) else content)
-    session = ChatSession(loaded, ChatSettings(**GREEDY))
+    session = ChatSession(loaded, GenerationSettings.of(**GREEDY))
     session.messages = [{"role": "user", "content": "keep me"}]
     with pytest.raises(LocalGPTError, match="nothing loaded"):
         session.load(path)
@@ -120,11 +121,12 @@ def test_corrupt_conversation_files_change_nothing(loaded, tmp_path, content):
 @pytest.mark.parametrize("key, value", [("temperature", "-1"), ("top_p", "2"), ("top_k", "x"), ("max_tokens", "0"),
                                         ("bogus", "1"), ("verbose", "maybe"), ("num_beams", "0"),
                                         ("early_stopping", "sometimes")])
-def test_settings_are_validated(key, value):
-    settings = ChatSettings()
-    with pytest.raises(UsageError):
-        settings.set(key, value)
-    assert settings == ChatSettings()
+def test_settings_are_validated(loaded, key, value):
+    session = ChatSession(loaded)
+    with pytest.raises(UsageError) as refused:
+        session.set(key, value)
+    assert session.settings == GenerationSettings() and session.verbose
+    assert "--" not in str(refused.value) and key in str(refused.value)  # said in /set's words, not a flag's
 
 
 def test_blocks_and_lines():
@@ -141,7 +143,7 @@ def drive_repl(loaded, keys: str, tmp_path, history_path=None):
 
     out = io.StringIO()
     console = Console(file=out, force_terminal=False, color_system=None, width=200)
-    session = ChatSession(loaded, ChatSettings(temperature=0.0, max_tokens=5))
+    session = ChatSession(loaded, GenerationSettings.of(temperature=0.0, max_tokens=5))
     with create_pipe_input() as pipe:
         pipe.send_text(keys)
         Repl(session, console, input=pipe, output=DummyOutput(),
@@ -156,7 +158,7 @@ def test_repl_commands_and_state(loaded, tmp_path):
             '"""\rline one\rline two\r"""\r/bye\r')
     session, output = drive_repl(loaded, keys, tmp_path)
     assert "Set temperature to 0." in output
-    assert "top-p must be in (0, 1]" in output
+    assert "Error: top_p must be in (0, 1], not 2\n" in output  # the setting named as /set names it
     assert "verbose off" in output
     assert "Unknown command '/x'. Type /help." in output
     assert "/retry" in output and "System prompt set." in output and "architecture" in output
@@ -195,24 +197,24 @@ def test_piped_chat_is_scriptable_and_remembers(folder, loaded):
     replies = result.stdout.split("\n\n")
     assert len(replies) == 3 and replies[2] == ""  # two replies, each followed by a blank line
     # the second reply is the one a conversation that holds the first turn gives, not a fresh one's
-    session = ChatSession(loaded, ChatSettings(temperature=0.0, max_tokens=5))
+    session = ChatSession(loaded, GenerationSettings.of(temperature=0.0, max_tokens=5))
     assert replies[:2] == [reply(session, "Hi"), reply(session, "What did I say?")]
-    fresh = ChatSession(loaded, ChatSettings(temperature=0.0, max_tokens=5))
+    fresh = ChatSession(loaded, GenerationSettings.of(temperature=0.0, max_tokens=5))
     assert reply(fresh, "What did I say?") != replies[1]
 
 
 def test_beams_in_chat_match_beam_search(loaded):
     from localgpt.beam import BeamOptions, beam_search
 
-    session = ChatSession(loaded, ChatSettings(temperature=0.0, max_tokens=8))
-    session.settings.set("num_beams", "3")
-    session.settings.set("early_stopping", "never")
+    session = ChatSession(loaded, GenerationSettings.of(temperature=0.0, max_tokens=8))
+    session.set("num_beams", "3")
+    session.set("early_stopping", "never")
     text = reply(session, "Hello")
     ids = loaded.tokenizer.encode_chat([{"role": "user", "content": "Hello"}])
-    best = beam_search(loaded.model, ids, session.settings.sampling(), BeamOptions(3, early_stopping="never"), 8,
+    best = beam_search(loaded.model, ids, session.settings.sampling, BeamOptions(3, early_stopping="never"), 8,
                        loaded.tokenizer.eos_token_ids)[0]
     assert text == loaded.tokenizer.decode([t for t in best.tokens if t not in loaded.tokenizer.eos_token_ids])
-    session.settings.set("num_beams", "1")
+    session.set("num_beams", "1")
     assert reply(session, "Again")  # back to sampling/greedy with the conversation cache
 
 

@@ -14,8 +14,9 @@ from types import SimpleNamespace
 import pytest
 
 from helpers import assert_clean_error, run_cli, tiny_model
-from localgpt.cli import build_prompt, main
+from localgpt.cli import main
 from localgpt.errors import PromptError, UsageError
+from localgpt.prompt import build_prompt
 from localgpt.tokenizer import Tokenizer
 
 

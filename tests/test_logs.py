@@ -9,7 +9,8 @@ import sqlite3
 import pytest
 
 from helpers import assert_clean_error, tiny_model
-from localgpt.chat import ChatSession, ChatSettings
+from localgpt.chat import ChatSession
+from localgpt.settings import GenerationSettings
 from localgpt.weights import load_model
 from test_cli import run_in_process
 
@@ -67,10 +68,10 @@ def test_chat_continue_and_cid_resume_the_conversation(folder, home, capsys, mon
                   stdin="What did I say?\n")
     assert resumed.returncode == 0 and "continuing conversation" in resumed.stderr, resumed.stderr
     loaded = load_model(folder, dtype="float32", device="cpu")
-    together = ChatSession(loaded, ChatSettings(temperature=0.0, max_tokens=5))
+    together = ChatSession(loaded, GenerationSettings.of(temperature=0.0, max_tokens=5))
     expected = ["".join(r.text for r in together.send(text)) for text in ("Hi", "What did I say?")]
     assert [first.stdout, resumed.stdout] == [f"{expected[0]}\n\n", f"{expected[1]}\n\n"]
-    fresh = ChatSession(loaded, ChatSettings(temperature=0.0, max_tokens=5))
+    fresh = ChatSession(loaded, GenerationSettings.of(temperature=0.0, max_tokens=5))
     assert "".join(r.text for r in fresh.send("What did I say?")) != expected[1]  # the history mattered
     (conversation,) = logged(capsys, monkeypatch)
     assert conversation["turns"] == 2  # continued under the same id
@@ -125,7 +126,7 @@ def test_a_reply_stopped_midway_is_logged_as_far_as_it_got(folder, home):
     from localgpt.logs import Log
 
     loaded = load_model(folder, dtype="float32", device="cpu")
-    session = ChatSession(loaded, ChatSettings(temperature=0.0, max_tokens=20))
+    session = ChatSession(loaded, GenerationSettings.of(temperature=0.0, max_tokens=20))
     log = Log()
     session.on_reply = lambda chat, prompt, reply, final: log.record(chat.conversation_id, "tiny", None, prompt,
                                                                       reply, {}, final)

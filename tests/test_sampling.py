@@ -104,5 +104,5 @@ def test_seeded_sampling_repeats_and_respects_filters():
     ("repetition_penalty", 0.0), ("no_repeat_ngram_size", -1),
 ])
 def test_invalid_values_are_refused(field, value):
-    with pytest.raises(UsageError, match=field.replace("_", "-")):
+    with pytest.raises(UsageError, match=f"^{field} must be "):  # the setting's name; the CLI says its flag
         SamplingOptions(**{field: value}).validate()
