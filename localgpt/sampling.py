@@ -1,6 +1,7 @@
 """Logits processors and samplers: pure functions on tensors, with transformers' semantics and order.
 
-Order (as transformers' generate): repetition penalty, no-repeat-ngram, then temperature → top-k → top-p → min-p.
+Order (as transformers' generate): repetition penalty, no-repeat-ngram, then temperature → top-k → top-p → min-p →
+typical-p.
 Shapes: logits (B, V) float32, history (B, L) token ids.
 """
 
@@ -82,6 +83,21 @@ def apply_min_p(logits: torch.Tensor, min_p: float, min_tokens_to_keep: int = 1)
     return logits.masked_fill(remove, NEG_INF)
 
 
+def apply_typical_p(logits: torch.Tensor, mass: float, min_tokens_to_keep: int = 1) -> torch.Tensor:
+    """Locally typical sampling: rank tokens by how far their surprise (-log p) is from the distribution's entropy,
+    and keep the closest ones until they hold `mass` of the probability (the token that crosses it included)."""
+    if mass >= 1.0:
+        return logits
+    log_probs = torch.log_softmax(logits, dim=-1)
+    entropy = -(log_probs.exp() * log_probs).nansum(dim=-1, keepdim=True)  # (B, 1); nansum: 0 * -inf terms
+    distance, order = torch.sort((-log_probs - entropy).abs(), dim=-1)  # most typical first
+    cumulative = logits.gather(-1, order).softmax(dim=-1).cumsum(dim=-1)
+    last_kept = (cumulative < mass).sum(dim=-1, keepdim=True).clamp(max=logits.shape[-1] - 1)
+    remove_sorted = distance > distance.gather(-1, last_kept)  # ties with the last kept token stay
+    remove_sorted[..., :min_tokens_to_keep] = False
+    return logits.masked_fill(remove_sorted.scatter(1, order, remove_sorted), NEG_INF)
+
+
 def process_logits(logits: torch.Tensor, history: torch.Tensor, options: SamplingOptions,
                    min_tokens_to_keep: int = 1) -> torch.Tensor:
     """All processors in transformers' order. The warpers (temperature onward) only apply when sampling."""
@@ -93,7 +109,8 @@ def process_logits(logits: torch.Tensor, history: torch.Tensor, options: Samplin
     logits = apply_temperature(logits, options.temperature)
     logits = apply_top_k(logits, options.top_k, min_tokens_to_keep)
     logits = apply_top_p(logits, options.top_p, min_tokens_to_keep)
-    return apply_min_p(logits, options.min_p, min_tokens_to_keep)
+    logits = apply_min_p(logits, options.min_p, min_tokens_to_keep)
+    return apply_typical_p(logits, options.typical_p, min_tokens_to_keep)
 
 
 def sample(logits: torch.Tensor, options: SamplingOptions, generator: torch.Generator | None) -> torch.Tensor:

@@ -70,6 +70,8 @@ class SamplingOptions:
     top_p: float = setting(0.9, "Nucleus sampling mass (1 = off).", "float", rule=NUCLEUS, model_key="top_p")
     min_p: float = setting(0.0, "Drop tokens below min_p x the top probability (0 = off).", "float", rule=UNIT,
                            model_key="min_p")
+    typical_p: float = setting(1.0, "Locally typical sampling: keep this mass of the most typical tokens (1 = off).",
+                               "float", rule=NUCLEUS, model_key="typical_p")
     repetition_penalty: float = setting(1.0, "Above 1 discourages repeats (1 = off).", "float", rule=POSITIVE,
                                         model_key="repetition_penalty")
     no_repeat_ngram_size: int = setting(0, "Never repeat an n-gram of this size (0 = off).", "int", rule=AT_LEAST_0,

@@ -16,6 +16,7 @@ from localgpt.sampling import (
     apply_temperature,
     apply_top_k,
     apply_top_p,
+    apply_typical_p,
     process_logits,
     sample,
 )
@@ -65,17 +66,21 @@ def test_warpers_match_transformers(seed, temperature, top_k, top_p, min_p, keep
     if min_p > 0:
         expected = lp.MinPLogitsWarper(min_p, min_tokens_to_keep=keep)(None, logits.clone())
         assert same(apply_min_p(logits, min_p, keep), expected)
+    typical = min(top_p, 0.95)  # transformers' warper takes (0, 1); 1 is off for both
+    expected = lp.TypicalLogitsWarper(typical, min_tokens_to_keep=keep)(None, logits.clone())
+    assert same(apply_typical_p(logits, typical, keep), expected)
 
 
 @settings(max_examples=30, deadline=None)
 @given(seed=st.integers(0, 10_000))
 def test_processor_chain_in_transformers_order(seed):
     logits, ids = random_logits(seed), history(seed)
-    options = SamplingOptions(temperature=0.8, top_k=20, top_p=0.9, min_p=0.05, repetition_penalty=1.3,
-                              no_repeat_ngram_size=2)
+    options = SamplingOptions(temperature=0.8, top_k=20, top_p=0.9, min_p=0.05, typical_p=0.8,
+                              repetition_penalty=1.3, no_repeat_ngram_size=2)
     chain = lp.LogitsProcessorList([
         lp.RepetitionPenaltyLogitsProcessor(1.3), lp.NoRepeatNGramLogitsProcessor(2),
         lp.TemperatureLogitsWarper(0.8), lp.TopKLogitsWarper(20), lp.TopPLogitsWarper(0.9), lp.MinPLogitsWarper(0.05),
+        lp.TypicalLogitsWarper(0.8),
     ])
     assert same(process_logits(logits, ids, options), chain(ids, logits.clone()))
 
@@ -101,7 +106,7 @@ def test_seeded_sampling_repeats_and_respects_filters():
 
 @pytest.mark.parametrize("field, value", [
     ("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -1), ("min_p", 1.5),
-    ("repetition_penalty", 0.0), ("no_repeat_ngram_size", -1),
+    ("repetition_penalty", 0.0), ("no_repeat_ngram_size", -1), ("typical_p", 0.0), ("typical_p", 1.5),
 ])
 def test_invalid_values_are_refused(field, value):
     with pytest.raises(UsageError, match=f"^{field} must be "):  # the setting's name; the CLI says its flag
