@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from localgpt.errors import ModelError
-from localgpt.hub import PICKLE_SUFFIXES
+from localgpt.paths import PICKLE_SUFFIXES
 
 # safetensors' dtype codes → (torch's name for the dtype, bytes per element)
 SAFETENSORS_DTYPES = {

@@ -364,7 +364,7 @@ def convert(
     from localgpt.atomic import refuse_existing
     from localgpt.gguf import check_gguf_counts
     from localgpt.gguf import convert as convert_gguf
-    from localgpt.hub import writable_models_dir
+    from localgpt.paths import writable_models_dir
 
     if dtype not in ("bfloat16", "float32"):
         raise UsageError(f"--dtype must be bfloat16 or float32, not {dtype!r}")
@@ -411,8 +411,9 @@ def quantize(
     from pathlib import Path
 
     from localgpt.atomic import refuse_existing
-    from localgpt.hub import human_size, resolve, writable_models_dir
+    from localgpt.hub import human_size, resolve
     from localgpt.inventory import folder_size
+    from localgpt.paths import writable_models_dir
     from localgpt.quantize import DEFAULT_INT8_THRESHOLD, load_bitsandbytes, parse_spec, write_quantized
     from localgpt.weights import choose_device, load_model
 
@@ -682,8 +683,8 @@ def chat(
     if resume_latest and conversation_id:
         raise UsageError("--continue and --cid both name a conversation — give one")
     from localgpt.chat import ChatSession, run_piped
-    from localgpt.hub import home
     from localgpt.logs import messages_of
+    from localgpt.paths import home
 
     history = Log()
     log = None if no_log or logging_disabled() else history

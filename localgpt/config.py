@@ -117,21 +117,10 @@ def token_id_list(value: Any) -> tuple[int, ...]:
     raise ValueError(f"token id must be an integer or a list of integers, not {value!r}")
 
 
-def load_config(model_dir: Path) -> ModelConfig:
-    """config.json (+ generation_config.json's eos ids) → ModelConfig, with clear errors for bad files."""
-    from localgpt.families import config_from_dict
-
-    raw = read_json(model_dir / "config.json", "model config")
-    generation_path = model_dir / "generation_config.json"
-    generation = read_json(generation_path, "generation config") if generation_path.exists() else {}
-    return config_from_dict(raw, generation, source=str(model_dir / "config.json"))
-
-
 def load_generation_defaults(model_dir: Path) -> dict[str, Any]:
-    """Sampling defaults the model's authors chose (generation_config.json), only the keys we use."""
+    """The generation defaults the model's authors chose (generation_config.json, the keys that are set):
+    settings.resolve reads the ones a setting declares as its model_key."""
     path = model_dir / "generation_config.json"
     if not path.exists():
         return {}
-    raw = read_json(path, "generation config")
-    keys = ("do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "max_new_tokens")
-    return {key: raw[key] for key in keys if raw.get(key) is not None}
+    return {key: value for key, value in read_json(path, "generation config").items() if value is not None}

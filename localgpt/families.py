@@ -9,9 +9,10 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from localgpt.config import ModelConfig, RopeConfig, token_id_list
+from localgpt.config import ModelConfig, RopeConfig, read_json, token_id_list
 from localgpt.errors import ModelError
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
@@ -420,3 +421,10 @@ def check_shapes(config, source: str) -> None:
         raise ModelError(f"{source}: a hidden size of {config.hidden_size} does not split into {config.num_heads} "
                          "heads — the model config is corrupt")
 
+
+def load_config(model_dir: Path) -> ModelConfig:
+    """config.json (+ generation_config.json's eos ids) → ModelConfig, with clear errors for bad files."""
+    raw = read_json(model_dir / "config.json", "model config")
+    generation_path = model_dir / "generation_config.json"
+    generation = read_json(generation_path, "generation config") if generation_path.exists() else {}
+    return config_from_dict(raw, generation, source=str(model_dir / "config.json"))

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from localgpt.errors import LocalGPTError, ModelError, UsageError
+from localgpt.paths import PICKLE_SUFFIXES, home, models_dir, writable_models_dir  # noqa: F401 - hub.home() etc.
 
 DEFAULT_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_LOCAL_NAME = "SmolLM2-135M-Instruct"
@@ -37,7 +38,6 @@ DOWNLOAD_PATTERNS = [
 ]
 DOWNLOAD_ATTEMPTS = 5
 DOWNLOAD_CHUNK_BYTES = 64 * 1024  # written to disk as it arrives; an interruption loses at most this much
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 Notify = Callable[[str], None]
@@ -45,26 +45,6 @@ Notify = Callable[[str], None]
 
 def _stderr(message: str) -> None:
     print(f"localgpt: {message}", file=sys.stderr, flush=True)
-
-
-def home() -> Path:
-    return Path(os.environ.get("LOCALGPT_HOME") or Path.home() / ".cache" / "localgpt").expanduser()
-
-
-def models_dir() -> Path:
-    return home() / "models"
-
-
-def writable_models_dir() -> Path:
-    """models_dir(), created; checked before any long work is spent on something that must be written there."""
-    folder = models_dir()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=folder).close()
-    except OSError as exc:
-        raise ModelError(f"cannot write {folder}: {exc.strerror or exc} — set LOCALGPT_HOME to a folder you can "
-                         "write") from None
-    return folder
 
 
 def check_model_folder(path: Path, reference: str) -> Path:

@@ -9,7 +9,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from localgpt.errors import ModelError
-from localgpt.hub import DEFAULT_LOCAL_NAME, DEFAULT_REPO, models_dir
+from localgpt.hub import DEFAULT_LOCAL_NAME, DEFAULT_REPO
+from localgpt.paths import models_dir
 
 
 @dataclass

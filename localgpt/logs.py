@@ -52,7 +52,7 @@ def logging_disabled() -> bool:
 
 
 def default_path() -> Path:
-    from localgpt.hub import home
+    from localgpt.paths import home
 
     return home() / "logs.db"
 

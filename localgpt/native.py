@@ -153,7 +153,7 @@ def library(notify: Callable[[str], None] = notify_stderr) -> ctypes.CDLL | None
     compiler = find_compiler()
     if compiler is None:
         return None
-    from localgpt.hub import home
+    from localgpt.paths import home
 
     try:
         try:

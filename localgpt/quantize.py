@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from localgpt.errors import LocalGPTError, ModelError, UsageError
-from localgpt.hub import PICKLE_SUFFIXES
+from localgpt.paths import PICKLE_SUFFIXES
 from localgpt.settings import check_quantize_choice
 
 BLOCKSIZE = 64  # bitsandbytes' 4-bit block on CPU and CUDA; transformers writes the same

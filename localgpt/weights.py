@@ -259,7 +259,8 @@ def load_model(model_dir: Path, dtype: str = "auto", device: str = "auto", quant
     """A model folder → model, tokenizer and config, ready to generate. `quantize` (8, 4, nf4, fp4) quantizes a
     float model's linear layers while loading; a bitsandbytes checkpoint loads quantized by itself. With
     quantization, `dtype` is the compute dtype (auto: the checkpoint's, or the faster one for this device)."""
-    from localgpt.config import load_config, load_generation_defaults
+    from localgpt.config import load_generation_defaults
+    from localgpt.families import load_config
     from localgpt.tokenizer import Tokenizer
 
     config = load_config(model_dir)

@@ -10,8 +10,8 @@ import torch
 
 from helpers import tiny_model
 from localgpt.beam import BeamOptions, beam_search
-from localgpt.config import load_config
 from localgpt.errors import UsageError
+from localgpt.families import load_config
 from localgpt.sampling import SamplingOptions
 from localgpt.weights import load_weights
 

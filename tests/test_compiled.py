@@ -12,7 +12,7 @@ from helpers import tiny_model
 from localgpt import native
 from localgpt.beam import BeamOptions, beam_search
 from localgpt.compiled import compile_decode
-from localgpt.config import load_config
+from localgpt.families import load_config
 from localgpt.generate import generate_tokens
 from localgpt.sampling import SamplingOptions
 from localgpt.weights import load_weights

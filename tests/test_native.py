@@ -18,10 +18,10 @@ import torch.nn.functional as F
 
 from helpers import run_cli, tiny_model
 from localgpt import native
-from localgpt.backends import rebuilt_as
+from localgpt.backends.base import rebuilt_as
 from localgpt.backends.native import NativeAttention, NativeBlock, NativeLinear, NativeMLP, NativeRMSNorm
 from localgpt.backends.native import install as install_native
-from localgpt.config import load_config
+from localgpt.families import load_config
 from localgpt.model import MLP, Attention, Block, RMSNorm
 from localgpt.weights import load_weights
 
@@ -284,7 +284,7 @@ def test_off_switch_and_a_cpu_without_simd_keep_torch_ops(tmp_path, switch):
     """Where the kernels run, the switch (or a CPU with neither AVX-512 nor AVX2, reproduced by the mask) gives
     torch's ops."""
     tiny_model(tmp_path, "llama")
-    script = ("import torch; from localgpt.weights import load_weights; from localgpt.config import load_config; "
+    script = ("import torch; from localgpt.weights import load_weights; from localgpt.families import load_config; "
               "from localgpt import native; from localgpt.model import Linear; from pathlib import Path; "
               f"m = load_weights(Path({str(tmp_path)!r}), load_config(Path({str(tmp_path)!r})), torch.float32, "
               "torch.device('cpu')); print(native.library() is None, m.backend.name, "

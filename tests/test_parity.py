@@ -10,7 +10,7 @@ import torch
 
 from helpers import VARIANTS, tiny_model
 from localgpt.backends.torch import PackedLinear, can_pack
-from localgpt.config import load_config
+from localgpt.families import load_config
 from localgpt.generate import generate_tokens
 from localgpt.model import Linear
 from localgpt.sampling import SamplingOptions

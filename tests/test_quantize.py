@@ -13,8 +13,8 @@ import torch
 
 from helpers import run_cli, tiny_model, write_tokenizer
 from localgpt.checkpoint import read_safetensors_header
-from localgpt.config import load_config
 from localgpt.errors import ModelError
+from localgpt.families import load_config
 from localgpt.model import Linear
 from localgpt.quantize import DEFAULT_INT8_THRESHOLD, DEFAULT_SKIP, QuantizeError, parse_spec, write_quantized
 from localgpt.weights import load_weights

@@ -89,3 +89,21 @@ def test_cli_flags_are_checked_before_loading(capsys, argv, message):
 
 def test_usage_errors_are_setting_errors():
     assert issubclass(SettingError, UsageError)
+
+
+def test_every_generation_config_key_a_setting_declares_is_read(tmp_path):
+    """load_generation_defaults keeps the file's keys; resolve takes each setting's own (no second list of keys)."""
+    import json
+
+    from localgpt.config import load_generation_defaults
+
+    keys = {setting.model_key: setting for setting in SETTINGS.values() if setting.model_key}
+    values = {"temperature": 0.3, "top_k": 7, "top_p": 0.8, "min_p": 0.1, "typical_p": 0.6, "repetition_penalty": 1.2,
+              "no_repeat_ngram_size": 3, "length_penalty": 0.5, "early_stopping": "never", "num_beams": 9,
+              "bos_token_id": 1, "eos_token_id": None}
+    assert set(keys) <= set(values)
+    (tmp_path / "generation_config.json").write_text(json.dumps(values))
+    settings = resolve({}, load_generation_defaults(tmp_path))
+    for key, setting in keys.items():
+        assert settings.get(setting.name) == values[key], key
+    assert settings.beam.num_beams == 1  # not a model_key: a model does not switch beam search on by itself

@@ -13,8 +13,8 @@ from safetensors.torch import load_file, save_file
 
 from helpers import tiny_model
 from localgpt.checkpoint import read_safetensors_header
-from localgpt.config import load_config
 from localgpt.errors import ModelError
+from localgpt.families import load_config
 from localgpt.weights import load_weights
 
 

@@ -14,9 +14,9 @@ from collections import Counter
 import torch
 import torch.nn.functional as F
 
+import localgpt.backends.torch as torch_backend
 from localgpt import native
-from localgpt.backends import DECODE_ROWS, Backend, rebuilt_as
-from localgpt.backends import torch as torch_backend
+from localgpt.backends.base import DECODE_ROWS, Backend, rebuilt_as
 from localgpt.model import MLP, Attention, Block, Linear, RMSNorm, Transformer
 
 

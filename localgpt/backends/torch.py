@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from localgpt.backends import DECODE_ROWS, Backend, rebuilt_as
+from localgpt.backends.base import DECODE_ROWS, Backend, rebuilt_as
 from localgpt.model import Linear, Transformer
 
 
