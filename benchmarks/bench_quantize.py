@@ -38,7 +38,7 @@ def perplexity(model, ids: list[int], chunk: int = 256) -> float:
     """exp(mean next-token NLL) over the whole text in one pass, fed in chunks through the KV cache."""
     import torch
 
-    cache = model.new_cache(1, len(ids))
+    cache = model.make_cache(1, len(ids))
     nll, count = 0.0, 0
     with torch.inference_mode():
         for start in range(0, len(ids) - 1, chunk):

@@ -71,12 +71,9 @@ def beam_search_steps(model: Transformer, prompt_ids: Sequence[int], sampling: S
         sampling = SamplingOptions(**{**sampling.__dict__, "temperature": 1.0})
 
     # Prefill once, then copy the prompt's keys/values into every beam's row.
-    single = model.new_cache(1, max_length)
+    single = model.make_cache(1, max_length)
     logits = prefill(model, torch.tensor([list(prompt_ids)], device=device), single)
-    cache = model.new_cache(n, max_length)
-    cache.keys[:, :, :, :prompt_len] = single.keys[:, :, :, :prompt_len]
-    cache.values[:, :, :, :prompt_len] = single.values[:, :, :, :prompt_len]
-    cache.length = prompt_len
+    cache = single.repeat_rows(n, max_length)
     del single
     logits = logits.expand(n, -1)
 

@@ -1,7 +1,10 @@
-"""Static KV cache: preallocated once, written by position, never concatenated.
+"""The KV cache: one static buffer pair per layer, preallocated, written by position, never concatenated.
 
-Layout (layers, batch, kv_heads, max_len, head_dim). Beam search reorders batch rows; a chat keeps the prefix of
-the conversation and trims what it will recompute.
+`Transformer.make_cache(batch, length)` makes it from the model's per-layer specs. Each LayerCache holds keys and
+values as (batch, kv_heads, slots, head_dim) and knows how many positions it holds. A sliding-window layer whose
+window is shorter than the cache asked for is a ring of `window` slots (position p in slot p % window), so a
+32k-token cache of a model with a 4k window allocates 4k for its sliding layers. Beam search reorders rows; a chat
+keeps the prefix of its conversation and trims what it will recompute.
 """
 
 from __future__ import annotations
@@ -9,69 +12,168 @@ from __future__ import annotations
 import torch
 
 
-def write_positions(cache_keys: torch.Tensor, cache_values: torch.Tensor, layer: int, start: int, keys: torch.Tensor,
+def write_positions(cache_keys: torch.Tensor, cache_values: torch.Tensor, slot: int, keys: torch.Tensor,
                     values: torch.Tensor) -> None:
-    """Write keys/values (B, n_kv, T, hd) into one layer of the cache buffers at positions [start, start+T)."""
-    end = start + keys.shape[2]
-    cache_keys[layer, :, :, start:end] = keys
-    cache_values[layer, :, :, start:end] = values
+    """Write keys/values (B, g, T, hd) into one layer's buffers at slots [slot, slot+T)."""
+    end = slot + keys.shape[2]
+    cache_keys[:, :, slot:end] = keys
+    cache_values[:, :, slot:end] = values
 
 
 @torch.library.custom_op("localgpt::write_positions", mutates_args=("cache_keys", "cache_values"))
-def write_positions_op(cache_keys: torch.Tensor, cache_values: torch.Tensor, layer: int, start: int,
-                       keys: torch.Tensor, values: torch.Tensor) -> None:
+def write_positions_op(cache_keys: torch.Tensor, cache_values: torch.Tensor, slot: int, keys: torch.Tensor,
+                       values: torch.Tensor) -> None:
     """write_positions for torch.compile, with its mutations declared so the compiled step writes in place:
     traced as a slice assignment, it copied the whole cache back after every layer."""
-    write_positions(cache_keys, cache_values, layer, start, keys, values)
+    write_positions(cache_keys, cache_values, slot, keys, values)
 
 
-class KVCache:
-    def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str = "cpu"):
-        shape = (num_layers, batch_size, num_kv_heads, max_len, head_dim)
-        # Only positions below `length` are ever read, so the buffers need no zeroing.
-        self.keys = torch.empty(shape, dtype=dtype, device=device)
-        self.values = torch.empty(shape, dtype=dtype, device=device)
+class LayerCache:
+    def __init__(self, batch_size: int, num_kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu", window: int | None = None):
+        self.window = window
+        self.ring = window is not None and window < max_len
+        slots = window if self.ring else max_len
+        # Only slots holding a position below `length` are ever read, so the buffers need no zeroing.
+        self.keys = torch.empty(batch_size, num_kv_heads, slots, head_dim, dtype=dtype, device=device)
+        self.values = torch.empty_like(self.keys)
         self.length = 0
 
     @property
-    def max_len(self) -> int:
-        return self.keys.shape[3]
-
-    def update(self, layer: int, start: int, keys: torch.Tensor, values: torch.Tensor):
-        """Write (B, n_kv, T, hd) keys/values at positions [start, start+T) and return views of [0, start+T)."""
-        end = start + keys.shape[2]
-        self.check_room(end)
-        write = write_positions_op if torch.compiler.is_compiling() else write_positions
-        write(self.keys, self.values, layer, start, keys, values)
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]  # (B, n_kv, end, hd)
+    def slots(self) -> int:
+        return self.keys.shape[2]
 
     def check_room(self, end: int) -> None:
-        """Positions up to `end` are about to be written: refuse before writing past the buffers."""
-        if end > self.max_len:
-            raise IndexError(f"KV cache holds {self.max_len} positions, asked to write up to {end}")
+        """Positions up to `end` are about to be written: refuse before writing past the buffers (a ring never
+        runs out)."""
+        if not self.ring and end > self.slots:
+            raise IndexError(f"KV cache holds {self.slots} positions, asked to write up to {end}")
 
-    def reorder(self, batch_indices: torch.Tensor) -> None:
-        """Beam search: row i of the cache becomes old row batch_indices[i] (only the filled prefix is moved)."""
-        moved = (batch_indices != torch.arange(len(batch_indices), device=batch_indices.device)).nonzero()[:, 0]
-        if len(moved) == 0:
-            return  # every beam continues itself: nothing to copy
-        filled, sources = slice(0, self.length), batch_indices[moved]
+    def update(self, start: int, keys: torch.Tensor, values: torch.Tensor):
+        """Write keys/values (B, g, T, hd) for positions [start, start+T); return what attention reads:
+        (keys, values, first) with keys/values (B, g, S, hd) holding positions [first, start+T) in order, or, for
+        one new position in a ring, its whole window in slot order with first None (every slot is in the window,
+        so no mask is needed and order does not matter to attention)."""
+        T = keys.shape[2]
+        end = start + T
+        write = write_positions_op if torch.compiler.is_compiling() else write_positions
+        if not self.ring:
+            self.check_room(end)
+            write(self.keys, self.values, start, keys, values)
+            self.length = end
+            return self.keys[:, :, :end], self.values[:, :, :end], 0
+        slots = self.slots
+        if T == 1:
+            write(self.keys, self.values, start % slots, keys, values)
+            self.length = end
+            return self.keys[:, :, : min(end, slots)], self.values[:, :, : min(end, slots)], None
+        # A prompt chunk: the earlier positions the ring still holds, in order, then the new ones; the chunk's
+        # last `slots` positions are written (an earlier one could only be seen from inside this chunk).
+        kept = min(start, slots)
+        older = torch.arange(start - kept, start, device=keys.device) % slots
+        all_keys = torch.cat([self.keys[:, :, older], keys], dim=2)  # (B, g, kept + T, hd)
+        all_values = torch.cat([self.values[:, :, older], values], dim=2)
+        written = min(T, slots)
+        targets = torch.arange(end - written, end, device=keys.device) % slots
+        self.keys[:, :, targets] = keys[:, :, T - written :]
+        self.values[:, :, targets] = values[:, :, T - written :]
+        self.length = end
+        return all_keys, all_values, start - kept
+
+    def decode_slots(self, start: int) -> tuple[int, int, int]:
+        """For kernels that write one new position themselves: (slot to write, first slot to read, slots to read)
+        for position `start`, counted as written."""
+        end = start + 1
+        if self.ring:
+            slot, first, count = start % self.slots, 0, min(end, self.slots)
+        else:
+            self.check_room(end)
+            first = max(0, end - self.window) if self.window else 0  # a window reads its last `window` positions
+            slot, count = start, end - first
+        self.length = end
+        return slot, first, count
+
+    def filled(self) -> slice:
+        return slice(0, min(self.length, self.slots))
+
+    def reorder(self, moved: torch.Tensor, sources: torch.Tensor) -> None:
         # The right-hand side gathers (copies) first, so rows that swap places are safe.
-        self.keys[:, moved, :, filled] = self.keys[:, sources, :, filled]
-        self.values[:, moved, :, filled] = self.values[:, sources, :, filled]
+        self.keys[moved, :, self.filled()] = self.keys[sources, :, self.filled()]
+        self.values[moved, :, self.filled()] = self.values[sources, :, self.filled()]
 
     def trim(self, length: int) -> None:
-        """Forget positions from `length` on (they will be written again)."""
+        """Forget positions from `length` on. A ring that has wrapped no longer holds the positions before its
+        window, so going back at all forgets everything (they are recomputed)."""
+        if length < self.length and self.ring and self.length > self.slots:
+            self.length = 0
         self.length = min(self.length, length)
 
     def grow(self, max_len: int) -> None:
-        """Reallocate to hold at least max_len positions, keeping the filled prefix."""
-        if max_len <= self.max_len:
+        """Room for max_len positions, keeping what is held; past its window a sliding layer becomes a ring."""
+        if self.ring or max_len <= self.slots:
             return
-        layers, batch, heads, _, head_dim = self.keys.shape
-        for name in ("keys", "values"):
-            old = getattr(self, name)
-            new = torch.empty((layers, batch, heads, max_len, head_dim), dtype=old.dtype, device=old.device)
-            new[:, :, :, : self.length] = old[:, :, :, : self.length]
-            setattr(self, name, new)
+        batch, heads, _, head_dim = self.keys.shape
+        grown = LayerCache(batch, heads, max_len, head_dim, self.keys.dtype, self.keys.device, self.window)
+        kept = min(self.length, grown.slots)
+        positions = torch.arange(self.length - kept, self.length, device=self.keys.device)
+        targets = positions % grown.slots if grown.ring else positions
+        grown.keys[:, :, targets] = self.keys[:, :, positions]
+        grown.values[:, :, targets] = self.values[:, :, positions]
+        self.keys, self.values, self.ring = grown.keys, grown.values, grown.ring
+
+    def repeat_rows(self, batch_size: int, max_len: int) -> LayerCache:
+        """A new cache of batch_size rows, each a copy of row 0 of this one (beam search from one prefill)."""
+        _, heads, _, head_dim = self.keys.shape
+        repeated = LayerCache(batch_size, heads, max_len, head_dim, self.keys.dtype, self.keys.device, self.window)
+        if repeated.ring == self.ring:
+            repeated.keys[:, :, self.filled()] = self.keys[:1, :, self.filled()]
+            repeated.values[:, :, self.filled()] = self.values[:1, :, self.filled()]
+            repeated.length = self.length
+        else:  # through a row-0 copy grown to the new length
+            single = LayerCache(1, heads, self.slots, head_dim, self.keys.dtype, self.keys.device, self.window)
+            single.keys[:], single.values[:], single.length = self.keys[:1], self.values[:1], self.length
+            single.grow(max_len)
+            return single.repeat_rows(batch_size, max_len)
+        return repeated
+
+
+class KVCache:
+    """The layers' caches of one batch of sequences, which all hold the same number of positions."""
+
+    def __init__(self, layers: list[LayerCache]):
+        self.layers = layers
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length
+
+    @property
+    def max_len(self) -> int:
+        """Positions it can hold before it must grow (rings never limit it)."""
+        linear = [layer.slots for layer in self.layers if not layer.ring]
+        return min(linear) if linear else 2**62
+
+    def reorder(self, batch_indices: torch.Tensor) -> None:
+        """Beam search: row i of the cache becomes old row batch_indices[i] (only filled slots are moved)."""
+        moved = (batch_indices != torch.arange(len(batch_indices), device=batch_indices.device)).nonzero()[:, 0]
+        if len(moved) == 0:
+            return  # every beam continues itself: nothing to copy
+        for layer in self.layers:
+            layer.reorder(moved, batch_indices[moved])
+
+    def trim(self, length: int) -> int:
+        """Forget positions from `length` on; returns how many are kept (fewer when a ring layer had to forget its
+        window: then every layer goes back as far)."""
+        for layer in self.layers:
+            layer.trim(length)
+        kept = min(layer.length for layer in self.layers)
+        for layer in self.layers:
+            layer.length = kept
+        return kept
+
+    def grow(self, max_len: int) -> None:
+        for layer in self.layers:
+            layer.grow(max_len)
+
+    def repeat_rows(self, batch_size: int, max_len: int) -> KVCache:
+        return KVCache([layer.repeat_rows(batch_size, max_len) for layer in self.layers])

@@ -35,7 +35,7 @@ class ChatSession:
         self.system = system
         self.messages: list[dict[str, str]] = []
         self.notify = notify  # one-line notices (e.g. "dropped the oldest turns")
-        self.cache = loaded.model.new_cache(1, 256)
+        self.cache = loaded.model.make_cache(1, 256)
         self.cached_ids: list[int] = []  # the tokens whose keys/values the cache holds, in order
         self.last: Response | None = None
         # Called with (session, prompt, reply, its last Response or None) when a reply ends, Ctrl-C included.

@@ -47,7 +47,7 @@ def compile_decode(model: Transformer, notify=None) -> bool:
 def warm_up(model: Transformer) -> None:
     """Two one-token steps on a scratch cache: the first compiles, the second proves the dynamic graph serves a
     new position without recompiling."""
-    cache = model.new_cache(1, 4)
+    cache = model.make_cache(1, 4)
     token = torch.zeros(1, 1, dtype=torch.long, device=model.device)
     model(torch.zeros(1, 2, dtype=torch.long, device=model.device), cache)  # eager prefill of two positions
     model(token, cache)

@@ -35,6 +35,14 @@ class RopeConfig:
 
 
 @dataclass(frozen=True)
+class LayerSpec:
+    """What one decoder layer does differently from the others of its model (families.py decides, per layer)."""
+
+    window: int | None = None  # sliding-window attention over the last `window` positions; None: every position
+    rope: str | None = "global"  # its rotary table: "global" (ModelConfig.rope), "local" (local_rope), None: none
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     model_type: str
     vocab_size: int
@@ -59,8 +67,8 @@ class ModelConfig:
     norm_bias: bool = False
     qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k
     sandwich_norm: bool = False  # Gemma 2: extra norms after attention and after the MLP
-    sliding_window: int | None = None
-    sliding_layers: tuple[bool, ...] = ()  # per layer: does the sliding window apply
+    layers: tuple[LayerSpec, ...] = ()  # one per layer when they differ (windows, rotary tables, no-rope layers)
+    local_rope: RopeConfig | None = None  # the second rotary table of models whose local layers use another base
     attn_scale: float = 0.0  # 0 means 1/sqrt(head_dim)
     attn_softcap: float | None = None
     final_softcap: float | None = None
@@ -83,8 +91,13 @@ class ModelConfig:
             return int(self.max_position_embeddings * self.rope.factor)
         return self.max_position_embeddings
 
-    def is_sliding(self, layer_index: int) -> bool:
-        return bool(self.sliding_window) and bool(self.sliding_layers) and self.sliding_layers[layer_index]
+    def layer(self, index: int) -> LayerSpec:
+        if self.layers:
+            return self.layers[index]
+        return LayerSpec(rope="global" if self.rope is not None else None)
+
+    def rope_for(self, name: str) -> RopeConfig:
+        return self.local_rope if name == "local" else self.rope
 
 
 def read_json(path: Path, what: str) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from localgpt.config import ModelConfig, RopeConfig, read_json, token_id_list
+from localgpt.config import LayerSpec, ModelConfig, RopeConfig, read_json, token_id_list
 from localgpt.errors import ModelError
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
@@ -182,6 +182,16 @@ def _layer_types(cfg: ConfigReader, num_layers: int, default: Callable[[int], bo
     return tuple(default(i) for i in range(num_layers))
 
 
+def _sliding_layers(cfg: ConfigReader, num_layers: int, window: int | None,
+                    default: Callable[[int], bool]) -> tuple[LayerSpec, ...]:
+    """Per-layer specs of a model whose sliding layers (`default`, unless config.json lists `layer_types`) attend
+    over `window` positions; () when no layer slides."""
+    if window is None:
+        return ()
+    sliding = _layer_types(cfg, num_layers, default)
+    return tuple(LayerSpec(window=window if slides else None) for slides in sliding) if any(sliding) else ()
+
+
 def _window(cfg: ConfigReader) -> int | None:
     value = cfg.raw.get("sliding_window")
     return None if value is None else cfg.int("sliding_window")
@@ -206,8 +216,7 @@ def mistral_config(cfg: ConfigReader, generation: dict[str, Any]) -> ModelConfig
     return ModelConfig(
         **fields,
         activation=_activation(cfg.str("hidden_act", "silu"), cfg.source),
-        sliding_window=window,
-        sliding_layers=_layer_types(cfg, fields["num_layers"], lambda i: window is not None),
+        layers=_sliding_layers(cfg, fields["num_layers"], window, lambda i: True),
         tie_word_embeddings=cfg.bool("tie_word_embeddings", False),
     )
 
@@ -224,10 +233,7 @@ def qwen_config(cfg: ConfigReader, generation: dict[str, Any], *, qwen3: bool) -
         qkv_bias=attention_bias if qwen3 else True,
         o_bias=attention_bias if qwen3 else False,
         qk_norm=qwen3,
-        sliding_window=window,
-        sliding_layers=_layer_types(cfg, fields["num_layers"], lambda i: window is not None and i >= first_window_layer)
-        if window
-        else (),
+        layers=_sliding_layers(cfg, fields["num_layers"], window, lambda i: i >= first_window_layer),
         tie_word_embeddings=cfg.bool("tie_word_embeddings", False),
     )
 
@@ -246,8 +252,7 @@ def gemma_config(cfg: ConfigReader, generation: dict[str, Any], *, gemma2: bool)
             attn_scale=cfg.float("query_pre_attn_scalar", 256) ** -0.5,
             attn_softcap=cfg.float("attn_logit_softcapping", 50.0),
             final_softcap=cfg.float("final_logit_softcapping", 30.0),
-            sliding_window=window,
-            sliding_layers=_layer_types(cfg, fields["num_layers"], lambda i: (i + 1) % 2 == 1),
+            layers=_sliding_layers(cfg, fields["num_layers"], window, lambda i: (i + 1) % 2 == 1),
         )
     return ModelConfig(
         **fields,

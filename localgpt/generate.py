@@ -69,7 +69,7 @@ def generate_tokens(model: Transformer, prompt_ids: Sequence[int], options: Samp
     max_tokens = min(max_tokens, model.config.context_length - prompt_len)
     total = prompt_len + max_tokens
     if cache is None:
-        cache = model.new_cache(1, total)
+        cache = model.make_cache(1, total)
     else:
         cache.grow(total)
         cache.trim(prompt_len - 1)  # at least the last prompt token is run again: its logits start the answer

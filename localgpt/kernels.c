@@ -473,8 +473,8 @@ SILU_MUL(lg_silu_mul_bf16, uint16_t, load_bf16, store_bf16, vround_bf16)
  * cost as much as a third of the step; this is one. */
 typedef struct {
     const void *input_norm, *qkv, *qkv_bias, *o, *o_bias, *mlp_norm, *gate_up, *gate_up_bias, *down, *down_bias;
-    int64_t hidden, heads, kv_heads, head_dim, inner, window; /* window 0: attend to every position */
-    float eps, norm_offset, scale, softcap;                   /* softcap 0: none */
+    int64_t hidden, heads, kv_heads, head_dim, inner;
+    float eps, norm_offset, scale, softcap; /* softcap 0: none */
 } lg_block;
 
 static inline float add_f32(float a, float b) { return a + b; }
@@ -486,8 +486,11 @@ static inline uint16_t add_bf16(uint16_t a, uint16_t b) { return round_to_bf16_s
             for (int64_t r = 0; r < rows; r++)                                                                   \
                 for (int64_t i = 0; i < n; i++) y[r * n + i] = ADD(y[r * n + i], bias[i]);                       \
     }                                                                                                            \
+    /* The new position's keys and values go to cache slot `slot`; attention reads `count` slots from `first` (the \
+     * layer cache decides them: a window, or a ring's slots). */                                               \
     int NAME(const lg_block *b, const T *x, T *out, const T *cos, const T *sin, T *cache_k, T *cache_v,          \
-             int64_t cache_batch_stride, int64_t cache_head_stride, int64_t B, int64_t position, int rotate) {   \
+             int64_t cache_batch_stride, int64_t cache_head_stride, int64_t B, int64_t slot, int64_t first,      \
+             int64_t count, int rotate) {                                                                        \
         int64_t D = b->hidden, h = b->heads, g = b->kv_heads, hd = b->head_dim, I = b->inner;                    \
         int64_t width = (h + 2 * g) * hd;                                                                        \
         T *scratch = malloc(sizeof(T) * B * (D + width + 2 * h * hd + 3 * I));                                   \
@@ -498,10 +501,9 @@ static inline uint16_t add_bf16(uint16_t a, uint16_t b) { return round_to_bf16_s
         lg_linear_##SUFFIX(normed, b->qkv, qkv, B, D, width);                                                    \
         add_bias_##SUFFIX(qkv, b->qkv_bias, B, width);                                                           \
         lg_rope_write_##SUFFIX(qkv, cos, sin, q, cache_k, cache_v, B, h, g, hd, cache_batch_stride,              \
-                               cache_head_stride, position, rotate);                                             \
-        int64_t first = b->window && position + 1 > b->window ? position + 1 - b->window : 0;                    \
+                               cache_head_stride, slot, rotate);                                                 \
         int status = lg_attention_##SUFFIX(q, cache_k + first * hd, cache_v + first * hd, attended, B, h, g,     \
-                                           position + 1 - first, hd, h * hd, hd, cache_batch_stride,              \
+                                           count, hd, h * hd, hd, cache_batch_stride,                             \
                                            cache_head_stride, b->scale, b->softcap);                              \
         lg_linear_##SUFFIX(attended, b->o, out, B, h * hd, D);                                                   \
         add_bias_##SUFFIX(out, b->o_bias, B, D);                                                                 \

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from localgpt.cache import KVCache
+from localgpt.cache import KVCache, LayerCache
 from localgpt.config import ModelConfig
-from localgpt.rope import cos_sin, inverse_frequencies
+from localgpt.rope import RotaryTables
 
 
 class RMSNorm(nn.Module):
@@ -83,9 +83,9 @@ class Attention(nn.Module):
         self.qk_norm = config.qk_norm
         self.scale = config.scale
         self.softcap = config.attn_softcap
-        self.window = config.sliding_window if config.is_sliding(layer_index) else None
+        self.window = config.layer(layer_index).window
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: KVCache,
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: LayerCache,
                 start: int) -> torch.Tensor:
         B, T, _ = x.shape
         h, g, hd = self.num_heads, self.num_kv_heads, self.head_dim
@@ -103,22 +103,23 @@ class Attention(nn.Module):
                 qk = apply_rope(qk, *rope)
             q, k = qk.split((h, g), dim=2)
         # (B, T, heads, hd) → (B, heads, T, hd)
-        keys, values = cache.update(self.layer_index, start, k.transpose(1, 2), v.transpose(1, 2))  # (B, g, S, hd)
-        out = self.attend(q.transpose(1, 2), keys, values, start)  # (B, h, T, hd)
+        # (B, T, heads, hd) → (B, heads, T, hd); keys/values (B, g, S, hd) hold positions [first_key, start + T)
+        keys, values, first_key = cache.update(start, k.transpose(1, 2), v.transpose(1, 2))
+        out = self.attend(q.transpose(1, 2), keys, values, start, first_key)  # (B, h, T, hd)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, h * hd))
 
-    def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int,
+               first_key: int | None) -> torch.Tensor:
+        """first_key: the position of keys[:, :, 0], or None for a ring's window in slot order (one query)."""
         B, _, T, hd = q.shape
         S = keys.shape[2]
         group = self.num_heads // self.num_kv_heads
-        first_key = 0
-        if self.window is not None and T == 1:
-            first_key = max(0, S - self.window)  # decoding: the window is a slice, no mask needed
-            keys, values = keys[:, :, first_key:], values[:, :, first_key:]
+        if self.window is not None and T == 1 and S > self.window:
+            keys, values = keys[:, :, S - self.window :], values[:, :, S - self.window :]  # decoding: a slice
         mask = None
         if T > 1:
             query_pos = torch.arange(start, start + T, device=q.device)[:, None]
-            key_pos = torch.arange(first_key, S, device=q.device)[None, :]
+            key_pos = torch.arange(first_key, first_key + S, device=q.device)[None, :]
             mask = key_pos <= query_pos  # (T, S)
             if self.window is not None:
                 mask &= key_pos > query_pos - self.window
@@ -164,11 +165,12 @@ class Block(nn.Module):
         self.mlp_norm = make_norm(config, config.hidden_size)
         self.mlp = MLP(config)
         self.sandwich = config.sandwich_norm
+        self.rope = config.layer(layer_index).rope if config.rope is not None else None  # its table's name
         if self.sandwich:
             self.post_attn_norm = make_norm(config, config.hidden_size)
             self.post_mlp_norm = make_norm(config, config.hidden_size)
 
-    def forward(self, x, rope, cache: KVCache, start: int) -> torch.Tensor:
+    def forward(self, x, rope, cache: LayerCache, start: int) -> torch.Tensor:
         attn_out = self.attn(self.input_norm(x), rope, cache, start)
         if self.sandwich:
             attn_out = self.post_attn_norm(attn_out)
@@ -190,7 +192,9 @@ class Transformer(nn.Module):
         self.norm = make_norm(config, config.hidden_size)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
-        self._rope_cos = self._rope_sin = None  # float32 tables for positions [0, len), built on demand
+        # The rotary tables the layers use, by name ("global", and "local" for models with a second base).
+        self.rotary = {name: RotaryTables(config.rope_for(name), config.head_dim, config.max_position_embeddings)
+                       for name in sorted({layer.rope for layer in self.layers if layer.rope})}
         self.compiled_step = None  # torch.compile of `run` for one-token steps (localgpt.compiled)
         self.backend = None  # what localgpt.backends.install put in place, if anything
 
@@ -211,53 +215,38 @@ class Transformer(nn.Module):
     def device(self) -> torch.device:
         return self.embed_tokens.weight.device
 
-    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+    def make_cache(self, batch_size: int, max_len: int) -> KVCache:
+        """A cache for batch_size sequences of up to max_len positions, one LayerCache per layer (a ring for a
+        sliding layer whose window is shorter)."""
         c = self.config
-        return KVCache(c.num_layers, batch_size, c.num_kv_heads, max_len, c.head_dim, self.dtype, self.device)
-
-    def rope_tables(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """cos and signed sin (see apply_rope) for positions [start, start+length), model dtype, (T, 1, hd)."""
-        c = self.config
-        if c.rope is None:
-            return None
-        end = start + length
-        if c.rope.rope_type == "dynamic" and end > c.max_position_embeddings:
-            # Dynamic NTK: the base depends on the current sequence length, so no fixed table can serve.
-            inv_freq, scaling = inverse_frequencies(c.rope, c.head_dim, c.max_position_embeddings, seq_len=end)
-            cos, sin = cos_sin(inv_freq, torch.arange(start, end, device=self.device), scaling)
-            return self._rope_layout(cos, sin)
-        if self._rope_cos is None or self._rope_cos.shape[0] < end:
-            size = max(end, 2 * (0 if self._rope_cos is None else self._rope_cos.shape[0]), 256)
-            inv_freq, scaling = inverse_frequencies(c.rope, c.head_dim, c.max_position_embeddings)
-            cos, sin = cos_sin(inv_freq, torch.arange(size, device=self.device), scaling)
-            self._rope_cos, self._rope_sin = self._rope_layout(cos, sin)
-        return self._rope_cos[start:end], self._rope_sin[start:end]
-
-    def _rope_layout(self, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        half = sin.shape[-1] // 2
-        signed_sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
-        # cast like transformers (tables in float32, then to the model dtype); (T, 1, hd) broadcasts over heads
-        return cos.to(self.dtype)[:, None], signed_sin.to(self.dtype)[:, None]
+        return KVCache([LayerCache(batch_size, c.num_kv_heads, max_len, c.head_dim, self.dtype, self.device,
+                                   c.layer(i).window) for i in range(c.num_layers)])
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache, start: int | None = None,
                 last_only: bool = True) -> torch.Tensor:
-        """input_ids (B, T) at positions [start, start+T) → logits (B, 1 or T, vocab). Advances cache.length."""
-        start = cache.length if start is None else start
-        rope = self.rope_tables(start, input_ids.shape[1])  # eager: the tables grow by Python-side caching
+        """input_ids (B, T) at positions [cache.length, +T) → logits (B, 1 or T, vocab); the cache advances.
+        `start` below cache.length trims the cache back to it first."""
+        if start is not None and start != cache.length and cache.trim(start) != start:
+            raise ValueError(f"the cache cannot go back to position {start} (it holds {cache.length})")
+        start = cache.length
+        ropes = self.rope_tables(start, input_ids.shape[1])  # eager: the tables grow by Python-side caching
         if self.compiled_step is not None and input_ids.shape[1] == 1:
-            return self.compiled_step(input_ids, rope, cache, start, last_only)
-        return self.run(input_ids, rope, cache, start, last_only)
+            return self.compiled_step(input_ids, ropes, cache, start, last_only)
+        return self.run(input_ids, ropes, cache, start, last_only)
 
-    def run(self, input_ids: torch.Tensor, rope, cache: KVCache, start: int, last_only: bool) -> torch.Tensor:
+    def rope_tables(self, start: int, length: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Every rotary table the layers use, for positions [start, start+length), by name (rope.py)."""
+        return {name: tables(start, length, self.dtype, self.device) for name, tables in self.rotary.items()}
+
+    def run(self, input_ids: torch.Tensor, ropes, cache: KVCache, start: int, last_only: bool) -> torch.Tensor:
         T = input_ids.shape[1]
         x = self.embed_tokens(input_ids)  # (B, T, hidden)
         if self.config.embed_scale:
             x = x * torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype)
         if self.config.learned_positions:
             x = x + self.embed_positions(torch.arange(start, start + T, device=x.device))
-        for layer in self.layers:
-            x = layer(x, rope, cache, start)
-        cache.length = start + T
+        for layer, layer_cache in zip(self.layers, cache.layers, strict=True):
+            x = layer(x, ropes[layer.rope] if layer.rope else None, layer_cache, start)
         if last_only:
             x = x[:, -1:]  # the head runs on the last position only: vocab x hidden is the biggest matmul
         logits = self.lm_head(self.norm(x))

@@ -55,7 +55,7 @@ WEIGHTS = ("input_norm", "qkv", "qkv_bias", "o", "o_bias", "mlp_norm", "gate_up"
 class BlockSpec(ctypes.Structure):
     """kernels.c's lg_block: one decoder layer's weights (addresses) and sizes."""
     _fields_ = [(name, ctypes.c_void_p) for name in WEIGHTS] + \
-        [(name, ctypes.c_int64) for name in ("hidden", "heads", "kv_heads", "head_dim", "inner", "window")] + \
+        [(name, ctypes.c_int64) for name in ("hidden", "heads", "kv_heads", "head_dim", "inner")] + \
         [(name, ctypes.c_float) for name in ("eps", "norm_offset", "scale", "softcap")]
 
 
@@ -134,7 +134,7 @@ def load(path: Path) -> ctypes.CDLL:
         function.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
         function.restype = None
     for function in lib.lg_decoder_block_f32, lib.lg_decoder_block_bf16:
-        function.argtypes = [ctypes.POINTER(BlockSpec)] + [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 4 + [ctypes.c_int]
+        function.argtypes = [ctypes.POINTER(BlockSpec)] + [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 6 + [ctypes.c_int]
         function.restype = ctypes.c_int
     for function in lib.lg_rms_norm_f32, lib.lg_rms_norm_bf16:
         function.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float] * 2
@@ -228,39 +228,30 @@ def _attend(q: torch.Tensor, keys: int, values: int, g: int, S: int, kv_batch_st
     return out
 
 
-def cache_layer(cache, layer: int, end: int) -> tuple[int, int]:
-    """Addresses of one layer's keys and values in the cache (layers, B, g, max_len, hd), after checking that
-    positions up to `end` fit: what the kernels write the new position into and attend over."""
-    cache.check_room(end)
-    offset = layer * cache.keys.stride(0) * cache.keys.element_size()
-    return cache.keys.data_ptr() + offset, cache.values.data_ptr() + offset
-
-
 def rope_tables(rope: tuple[torch.Tensor, torch.Tensor] | None, unused: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """cos and signed sin (1, 1, hd) as the kernels read them; without rope (learned positions) any tensor
     stands in, since the kernels are told not to rotate."""
     return (rope[0].contiguous(), rope[1].contiguous()) if rope is not None else (unused, unused)
 
 
-def decode_attention(qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache, layer: int,
-                     start: int, num_heads: int, scale: float, softcap: float | None,
-                     window: int | None) -> torch.Tensor:
-    """A whole one-token attention step from the fused projection qkv (B, 1, (h + 2g) hd): rotate q and k (when
-    rope is given), write k and v into the cache at `start`, attend over the cache → (B, h, 1, hd)."""
+def decode_attention(qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, layer_cache, start: int,
+                     num_heads: int, scale: float, softcap: float | None) -> torch.Tensor:
+    """A whole one-token attention step at position `start` from the fused projection qkv (B, 1, (h + 2g) hd):
+    rotate q and k (when rope is given), write k and v into the layer's cache, attend over the slots the cache
+    names (its window, for a sliding layer) → (B, h, 1, hd)."""
     B = qkv.shape[0]
-    _, _, g, _, hd = cache.keys.shape
-    end = start + 1
-    layer_keys, layer_values = cache_layer(cache, layer, end)
+    keys, values = layer_cache.keys, layer_cache.values  # (B, g, slots, hd)
+    _, g, _, hd = keys.shape
+    slot, first, count = layer_cache.decode_slots(start)
     qkv = qkv.contiguous()
     q = torch.empty(B, num_heads, 1, hd, dtype=qkv.dtype)
     cos, sin = rope_tables(rope, q)
-    batch_stride, head_stride = cache.keys.stride(1), cache.keys.stride(2)
-    kernel("rope_write", qkv.dtype)(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), q.data_ptr(), layer_keys,
-                                    layer_values, B, num_heads, g, hd, batch_stride, head_stride, start,
+    batch_stride, head_stride = keys.stride(0), keys.stride(1)
+    kernel("rope_write", qkv.dtype)(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), q.data_ptr(), keys.data_ptr(),
+                                    values.data_ptr(), B, num_heads, g, hd, batch_stride, head_stride, slot,
                                     rope is not None)
-    first = max(0, end - window) if window else 0  # a sliding window reads its last `window` positions
-    skip = first * hd * cache.keys.element_size()
-    return _attend(q, layer_keys + skip, layer_values + skip, g, end - first, batch_stride, head_stride, scale,
+    skip = first * hd * keys.element_size()
+    return _attend(q, keys.data_ptr() + skip, values.data_ptr() + skip, g, count, batch_stride, head_stride, scale,
                    softcap)
 
 
@@ -289,16 +280,18 @@ def block_spec(tensors: tuple[torch.Tensor | None, ...], **sizes) -> BlockSpec:
     return spec
 
 
-def decoder_block(spec: BlockSpec, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache,
-                  layer: int, start: int) -> torch.Tensor:
-    """One decoder layer for one token per row, x (B, 1, hidden) → (B, 1, hidden); writes the layer's cache."""
-    layer_keys, layer_values = cache_layer(cache, layer, start + 1)
+def decoder_block(spec: BlockSpec, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, layer_cache,
+                  start: int) -> torch.Tensor:
+    """One decoder layer for one token per row at position `start`, x (B, 1, hidden) → (B, 1, hidden); writes the
+    layer's cache."""
+    keys, values = layer_cache.keys, layer_cache.values
+    slot, first, count = layer_cache.decode_slots(start)
     x = x.contiguous()
     out = torch.empty_like(x)
     cos, sin = rope_tables(rope, x)
     status = kernel("decoder_block", x.dtype)(spec, x.data_ptr(), out.data_ptr(), cos.data_ptr(), sin.data_ptr(),
-                                              layer_keys, layer_values, cache.keys.stride(1), cache.keys.stride(2),
-                                              x.shape[0], start, rope is not None)
+                                              keys.data_ptr(), values.data_ptr(), keys.stride(0), keys.stride(1),
+                                              x.shape[0], slot, first, count, rope is not None)
     if status != 0:
         raise MemoryError("the native decoder layer could not allocate its scratch memory")
     return out

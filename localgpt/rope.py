@@ -92,3 +92,34 @@ def cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, scaling: float = 1.
     freqs = positions.float()[:, None] * inv_freq.to(positions.device)[None, :]  # (T, hd/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (T, hd)
     return emb.cos() * scaling, emb.sin() * scaling
+
+
+class RotaryTables:
+    """One rotary table of a model: cos and signed sin (see model.apply_rope) for positions, in the model's dtype,
+    shaped (T, 1, hd) to broadcast over heads. Built on demand and grown by doubling; the pair is replaced as one
+    tuple, so a reader never sees a cos of one size with a sin of another. Dynamic NTK's base depends on the
+    sequence length, so past max_positions its tables are computed for each call instead."""
+
+    def __init__(self, rope: RopeConfig, head_dim: int, max_positions: int):
+        self.rope, self.head_dim, self.max_positions = rope, head_dim, max_positions
+        self.tables: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __call__(self, start: int, length: int, dtype: torch.dtype,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start + length
+        if self.rope.rope_type == "dynamic" and end > self.max_positions:
+            inv_freq, scaling = inverse_frequencies(self.rope, self.head_dim, self.max_positions, seq_len=end)
+            return self.layout(*cos_sin(inv_freq, torch.arange(start, end, device=device), scaling), dtype)
+        tables = self.tables
+        if tables is None or tables[0].shape[0] < end or tables[0].dtype != dtype or tables[0].device != device:
+            size = max(end, 2 * (0 if tables is None else tables[0].shape[0]), 256)
+            inv_freq, scaling = inverse_frequencies(self.rope, self.head_dim, self.max_positions)
+            tables = self.tables = self.layout(*cos_sin(inv_freq, torch.arange(size, device=device), scaling), dtype)
+        return tables[0][start:end], tables[1][start:end]
+
+    @staticmethod
+    def layout(cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        half = sin.shape[-1] // 2
+        signed_sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
+        # cast like transformers (tables in float32, then to the model dtype); (T, 1, hd) broadcasts over heads
+        return cos.to(dtype)[:, None], signed_sin.to(dtype)[:, None]

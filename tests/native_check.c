@@ -147,7 +147,7 @@ static void check_decoder_block(void) {
     fill(weights, 2 * D + width * D + D * h * hd + 2 * I * D + D * I, 0.3f);
     float cos[12], sin[12];
     for (int i = 0; i < hd; i++) cos[i] = cosf(0.1f * i), sin[i] = (i < hd / 2 ? -1 : 1) * sinf(0.1f * i);
-    lg_block spec = {input_norm, qkv_w, NULL, o_w, NULL, mlp_norm, gate_up_w, NULL, down_w, NULL, D, h, g, hd, I, 0,
+    lg_block spec = {input_norm, qkv_w, NULL, o_w, NULL, mlp_norm, gate_up_w, NULL, down_w, NULL, D, h, g, hd, I,
                      1e-6f, 0.0f, 1.0f / sqrtf((float)hd), 0.0f};
     int64_t cache_len = positions + 1, batch_stride = g * cache_len * hd, head_stride = cache_len * hd;
     float *cache[2][2], *x = malloc(4 * B * D), *out = malloc(4 * B * D), *expected = malloc(4 * B * D);
@@ -159,7 +159,7 @@ static void check_decoder_block(void) {
     memcpy(cache[1][0], cache[0][0], 4 * B * batch_stride), memcpy(cache[1][1], cache[0][1], 4 * B * batch_stride);
     fill(x, B * D, 1);
     int status = lg_decoder_block_f32(&spec, x, out, cos, sin, cache[0][0], cache[0][1], batch_stride, head_stride, B,
-                                      positions, 1);
+                                      positions, 0, positions + 1, 1);
     float *normed = malloc(4 * B * D), *qkv = malloc(4 * B * width), *q = malloc(4 * B * h * hd);
     float *attended = malloc(4 * B * h * hd), *gate_up = malloc(4 * B * 2 * I), *act = malloc(4 * B * I);
     lg_rms_norm_f32(x, input_norm, normed, B, D, 1e-6f, 0.0f);

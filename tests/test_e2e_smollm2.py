@@ -69,7 +69,7 @@ def test_logits_match_transformers(folder, reference):
     ours = load_model(folder, dtype="float32", device="cpu").model
     ids = torch.arange(100, 140)[None]
     expected = model(ids).logits
-    actual = ours(ids, ours.new_cache(1, 40), 0, last_only=False)
+    actual = ours(ids, ours.make_cache(1, 40), 0, last_only=False)
     assert (actual - expected).abs().max().item() < 1e-3
 
 

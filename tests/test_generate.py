@@ -82,7 +82,7 @@ def test_reused_cache_gives_the_same_tokens(tiny):
     first = tiny.tokenizer.encode("Hello there")
     answer = list(generate_tokens(tiny.model, first, GREEDY, 5))
     follow_up = first + answer + tiny.tokenizer.encode(" and more")
-    cache = tiny.model.new_cache(1, 8)
+    cache = tiny.model.make_cache(1, 8)
     list(generate_tokens(tiny.model, first, GREEDY, 5, cache=cache))
     reused = list(generate_tokens(tiny.model, follow_up, GREEDY, 6, cache=cache))
     fresh = list(generate_tokens(tiny.model, follow_up, GREEDY, 6))

@@ -234,7 +234,7 @@ def test_qwen2_gguf_converts_like_transformers_loads_it(tmp_path):
     assert Tokenizer(tmp_path / "ours").encode(text) == theirs_tokenizer(text)["input_ids"]
     ids = torch.tensor([ours.tokenizer.encode(text)])
     expected = reference(ids).logits
-    actual = ours.model(ids, ours.model.new_cache(1, ids.shape[1]), 0, last_only=False)
+    actual = ours.model(ids, ours.model.make_cache(1, ids.shape[1]), 0, last_only=False)
     assert (actual - expected).abs().max().item() < 1e-4
 
 

@@ -219,6 +219,13 @@ def back_to_torch(model, *classes) -> None:
             model.set_submodule(name, rebuilt_as(module, TORCH_CLASSES[type(module)]))
 
 
+def cache_contents(cache) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every layer's filled slots (in slot order: a ring layer's wrap the same way on both sides), keys and values."""
+    keys = torch.cat([layer.keys[:, :, layer.filled()].flatten(1) for layer in cache.layers], dim=1)
+    values = torch.cat([layer.values[:, :, layer.filled()].flatten(1) for layer in cache.layers], dim=1)
+    return keys.clone(), values.clone()
+
+
 def load(folder, dtype, backend="native"):
     return load_weights(folder, load_config(folder), dtype, torch.device("cpu"), backend=backend)
 
@@ -239,10 +246,10 @@ def test_decoding_steps_match_torch_paths(tmp_path, variant, dtype):
     ids = torch.randint(3, 500, (3, 20), generator=torch.Generator().manual_seed(0))
     runs = []
     for model in (native_model, torch_model):
-        cache = model.new_cache(3, 32)
+        cache = model.make_cache(3, 32)
         logits = [model(ids[:, :12], cache, 0, last_only=False)]
         logits += [model(ids[:, i : i + 1], cache) for i in range(12, 20)]
-        runs.append((torch.cat(logits, dim=1).float(), cache.keys[:, :, :, :20], cache.values[:, :, :, :20]))
+        runs.append((torch.cat(logits, dim=1).float(), *cache_contents(cache)))
     (logits, keys, values), (expected_logits, expected_keys, expected_values) = runs
     if dtype == torch.float32:
         torch.testing.assert_close(logits, expected_logits, rtol=1e-4, atol=1e-4)
@@ -266,12 +273,13 @@ def test_rotary_step_writes_the_same_bits_as_torch(tmp_path):
     ids = torch.randint(3, 500, (2, 13), generator=torch.Generator().manual_seed(3))
     caches = []
     for model in (native_attention, torch_attention):
-        cache = model.new_cache(2, 16)
+        cache = model.make_cache(2, 16)
         model(ids[:, :12], cache, 0)
         model(ids[:, 12:], cache)
         caches.append(cache)
-    assert torch.equal(caches[0].keys[0, :, :, 12], caches[1].keys[0, :, :, 12])  # the first layer's new keys
-    assert torch.equal(caches[0].values[0, :, :, 12], caches[1].values[0, :, :, 12])
+    first_layers = [cache.layers[0] for cache in caches]
+    assert torch.equal(first_layers[0].keys[:, :, 12], first_layers[1].keys[:, :, 12])  # the first layer's new keys
+    assert torch.equal(first_layers[0].values[:, :, 12], first_layers[1].values[:, :, 12])
 
 
 def run_python(code: str, **env) -> subprocess.CompletedProcess:
@@ -351,10 +359,10 @@ def test_whole_layer_kernel_gives_the_per_op_bits(tmp_path, variant, dtype):
     ids = torch.randint(3, 500, (3, 20), generator=torch.Generator().manual_seed(0))
     runs = []
     for model in (whole, per_op):
-        cache = model.new_cache(3, 32)
+        cache = model.make_cache(3, 32)
         model(ids[:, :12], cache, 0)
         logits = torch.cat([model(ids[:, i : i + 1], cache) for i in range(12, 20)], dim=1)
-        runs.append((logits, cache.keys[:, :, :, :20].clone(), cache.values[:, :, :, :20].clone()))
+        runs.append((logits, *cache_contents(cache)))
     for whole, per_op in zip(*runs, strict=True):
         assert torch.equal(whole, per_op)
 

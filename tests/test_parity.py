@@ -51,7 +51,7 @@ def test_logits_one_pass(pair):
     _, _, reference, ours = pair
     ids = prompt_ids()
     expected = reference(ids).logits
-    actual = ours(ids, ours.new_cache(1, PROMPT_LEN), 0, last_only=False)
+    actual = ours(ids, ours.make_cache(1, PROMPT_LEN), 0, last_only=False)
     assert expected.abs().max() > 1.0  # the comparison is between meaningful logits
     assert (actual - expected).abs().max().item() < TOLERANCE
 
@@ -61,7 +61,7 @@ def test_logits_token_by_token(pair):
     _, _, reference, ours = pair
     ids = prompt_ids(1)
     expected = reference_step_logits(reference, ids)
-    cache = ours.new_cache(1, PROMPT_LEN)
+    cache = ours.make_cache(1, PROMPT_LEN)
     actual = torch.cat([ours(ids[:, i : i + 1], cache) for i in range(PROMPT_LEN)], dim=1)
     assert cache.length == PROMPT_LEN
     assert (actual - expected).abs().max().item() < TOLERANCE
@@ -116,7 +116,7 @@ def test_transformers_v4_config_style(tmp_path, variant):
     ours = load_weights(tmp_path, load_config(tmp_path), torch.float32, torch.device("cpu"))
     ids = prompt_ids(3)
     expected = reference(ids).logits
-    actual = ours(ids, ours.new_cache(1, PROMPT_LEN), 0, last_only=False)
+    actual = ours(ids, ours.make_cache(1, PROMPT_LEN), 0, last_only=False)
     assert (actual - expected).abs().max().item() < TOLERANCE
 
 
@@ -127,7 +127,7 @@ def test_sharded_checkpoint_loads_the_same(tmp_path):
     assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
     ours = load_weights(tmp_path / "sharded", load_config(tmp_path / "sharded"), torch.float32, torch.device("cpu"))
     ids = prompt_ids(4)
-    actual = ours(ids, ours.new_cache(1, PROMPT_LEN), 0, last_only=False)
+    actual = ours(ids, ours.make_cache(1, PROMPT_LEN), 0, last_only=False)
     assert (actual - reference(ids).logits).abs().max().item() < TOLERANCE
 
 
@@ -138,7 +138,7 @@ def test_bfloat16_stays_close(tmp_path):
     assert ours.dtype == torch.bfloat16
     ids = prompt_ids(5)
     expected = reference(ids).logits.float()
-    actual = ours(ids, ours.new_cache(1, PROMPT_LEN), 0, last_only=False).float()
+    actual = ours(ids, ours.make_cache(1, PROMPT_LEN), 0, last_only=False).float()
     assert (actual - expected).abs().max().item() < 0.1 * expected.abs().max().item()
 
 
@@ -156,8 +156,8 @@ def test_bfloat16_packed_layout_changes_no_bit(tmp_path, variant, monkeypatch):
     assert packed.weight_bytes() == plain.weight_bytes()
     ids = prompt_ids(7)
     for model in (plain, packed):  # prefill (12 rows) then 8 one-token steps, and 4 rows at a time (beams)
-        model.outputs = [model(ids, cache := model.new_cache(1, 32), 0, last_only=False)]
+        model.outputs = [model(ids, cache := model.make_cache(1, 32), 0, last_only=False)]
         model.outputs += [model(ids[:, i : i + 1], cache) for i in range(8)]
-        model.outputs.append(model(ids[:, :4].t().contiguous(), model.new_cache(4, 4), 0))
+        model.outputs.append(model(ids[:, :4].t().contiguous(), model.make_cache(4, 4), 0))
     for expected, actual in zip(plain.outputs, packed.outputs, strict=True):
         assert torch.equal(expected, actual)

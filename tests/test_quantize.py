@@ -50,8 +50,8 @@ def reference(folder: Path, **bnb_args):
 
 def logits(model, ids=PROMPT) -> torch.Tensor:
     with torch.no_grad():
-        if hasattr(model, "new_cache"):
-            return model(ids, model.new_cache(1, 64), last_only=False)[0].float()
+        if hasattr(model, "make_cache"):
+            return model(ids, model.make_cache(1, 64), last_only=False)[0].float()
         return model(ids).logits[0].float()
 
 

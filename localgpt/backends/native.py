@@ -70,15 +70,16 @@ class NativeAttention(Attention):
         B, T, _ = x.shape
         if T == 1 and not self.qk_norm and not torch.compiler.is_compiling():
             h = self.num_heads
-            out = native.decode_attention(self.qkv_proj(x), rope, cache, self.layer_index, start, h, self.scale,
-                                          self.softcap, self.window)  # (B, h, 1, hd)
+            out = native.decode_attention(self.qkv_proj(x), rope, cache, start, h, self.scale,
+                                          self.softcap)  # (B, h, 1, hd)
             return self.o_proj(out.view(B, 1, h * self.head_dim))
         return super().forward(x, rope, cache, start)
 
-    def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int,
+               first_key: int | None) -> torch.Tensor:
         if q.shape[2] != 1 or torch.compiler.is_compiling():
-            return super().attend(q, keys, values, start)
-        if self.window is not None:  # the window is a slice of the last positions
+            return super().attend(q, keys, values, start, first_key)
+        if self.window is not None:  # the window is a slice of the last positions (all of a ring's)
             keys, values = keys[:, :, -self.window :], values[:, :, -self.window :]
         return native.attention(q, keys, values, self.scale, self.softcap)  # (B, h, 1, hd)
 
@@ -90,7 +91,7 @@ class NativeBlock(Block):
 
     def forward(self, x, rope, cache, start: int) -> torch.Tensor:
         if x.shape[1] == 1 and not torch.compiler.is_compiling():
-            return native.decoder_block(self.spec, x, rope, cache, self.attn.layer_index, start)
+            return native.decoder_block(self.spec, x, rope, cache, start)
         return super().forward(x, rope, cache, start)
 
 
@@ -115,7 +116,7 @@ def block_spec(block: Block) -> native.BlockSpec | None:
                mlp.down_proj.weight, mlp.down_proj.bias)
     return native.block_spec(tensors, hidden=block.input_norm.weight.shape[0], heads=attn.num_heads,
                              kv_heads=attn.num_kv_heads, head_dim=attn.head_dim, inner=mlp.down_proj.weight.shape[1],
-                             window=attn.window or 0, eps=block.input_norm.eps,
+                             eps=block.input_norm.eps,
                              norm_offset=block.input_norm.weight_offset, scale=attn.scale,
                              softcap=attn.softcap or 0.0)
 

@@ -1,0 +1,96 @@
+"""The per-layer KV cache (localgpt/cache.py): rings for sliding-window layers, trimming, growing, reordering, and
+logits that stay transformers' through every way of filling a ring."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import tiny_model
+from localgpt.families import load_config
+from localgpt.generate import prefill
+from localgpt.weights import load_weights
+
+pytest.importorskip("transformers")
+WINDOW = 4  # the helpers' sliding variants
+
+
+@pytest.fixture(scope="module", params=["mistral-window", "qwen2-window", "gemma2"])
+def pair(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(request.param)
+    reference = tiny_model(folder, request.param)
+    return reference, load_weights(folder, load_config(folder), torch.float32, torch.device("cpu"), backend="auto")
+
+
+def ids(length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 500, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_sliding_layers_hold_their_window_only(pair):
+    _, model = pair
+    cache = model.make_cache(2, 32768)  # a long context: the sliding layers still allocate WINDOW slots
+    for index, layer in enumerate(cache.layers):
+        window = model.config.layer(index).window
+        assert layer.ring == (window is not None)
+        assert layer.slots == (WINDOW if window else 32768), index
+    assert any(layer.ring for layer in cache.layers)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("chunk", [1, 3, 5, 16])
+def test_every_way_of_filling_a_ring_gives_transformers_logits(pair, chunk):
+    """Prompt chunks shorter than, equal to and longer than the window, each starting where the ring has already
+    wrapped, then one-token steps: each position's logits are transformers' for the whole sequence."""
+    reference, model = pair
+    sequence = ids(22)
+    expected = reference(sequence).logits[0]  # (22, vocab)
+    cache = model.make_cache(1, 64)
+    got = []
+    for begin in range(0, 16, chunk):
+        got.append(model(sequence[:, begin : min(begin + chunk, 16)], cache, last_only=False)[0])
+    for position in range(16, 22):
+        got.append(model(sequence[:, position : position + 1], cache)[0])
+    assert cache.length == 22
+    torch.testing.assert_close(torch.cat(got), expected, rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
+def test_trimming_a_wrapped_ring_forgets_everything_and_recomputes(pair):
+    _, model = pair
+    sequence = ids(12, seed=1)
+    cache = model.make_cache(1, 32)
+    prefill(model, sequence, cache)
+    assert cache.trim(12) == 12  # not going back: nothing lost
+    assert cache.trim(10) == 0  # the ring has wrapped: positions before its window are gone, for every layer
+    assert all(layer.length == 0 for layer in cache.layers)
+    short = model.make_cache(1, 32)
+    prefill(model, sequence[:, :3], short)
+    assert short.trim(2) == 2  # a ring that has not wrapped yet goes back like any layer
+
+
+@torch.no_grad()
+def test_a_cache_that_grows_past_the_window_becomes_a_ring_and_keeps_its_positions(pair):
+    reference, model = pair
+    sequence = ids(10, seed=2)
+    cache = model.make_cache(1, 3)  # shorter than the window: plain layers at first
+    assert not any(layer.ring for layer in cache.layers)
+    prefill(model, sequence[:, :3], cache)
+    cache.grow(10)
+    assert all(layer.ring == (model.config.layer(i).window is not None) for i, layer in enumerate(cache.layers))
+    logits = [model(sequence[:, position : position + 1], cache)[0, -1] for position in range(3, 10)]
+    expected = reference(sequence).logits[0, 3:]
+    torch.testing.assert_close(torch.stack(logits), expected, rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
+def test_reordering_rows_moves_whole_rings(pair):
+    _, model = pair
+    rows = torch.cat([ids(9, seed=3), ids(9, seed=4)])
+    cache = model.make_cache(2, 16)
+    prefill(model, rows, cache)
+    before = [layer.keys.clone() for layer in cache.layers]
+    cache.reorder(torch.tensor([1, 1]))
+    for layer, old in zip(cache.layers, before, strict=True):
+        assert torch.equal(layer.keys[0, :, layer.filled()], old[1, :, layer.filled()])
+    step = model(torch.tensor([[7], [7]]), cache)  # both rows are now row 1: the same token gives the same logits
+    assert torch.equal(step[0], step[1])
