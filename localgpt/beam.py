@@ -10,18 +10,16 @@ can no longer change, so they can be printed.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from localgpt.generate import Response, prefill, timed_response
+from localgpt.generate import Response, prefill, responses
 from localgpt.model import Transformer
 from localgpt.prompt import check_prompt_fits
 from localgpt.sampling import SamplingOptions, process_logits
 from localgpt.settings import BeamOptions
-from localgpt.tokenizer import StreamDecoder
 
 NEG = -1.0e9  # transformers' "impossible" score
 __all__ = ["BeamOptions", "beam_search", "stream_beam_search"]  # BeamOptions: re-exported from settings.py
@@ -163,30 +161,26 @@ def _settled(running: torch.Tensor, finished: torch.Tensor, finished_scores: tor
     return kept[0, :shared].tolist()
 
 
-def stream_beam_search(model: Transformer, tokenizer, prompt_ids: Sequence[int], sampling: SamplingOptions,
-                       beams: BeamOptions, max_tokens: int) -> Iterator[Response]:
-    """Response records for the best beam: settled text while the search runs, then the rest at the end."""
-    eos_ids = tokenizer.eos_token_ids
-    decoder = StreamDecoder(tokenizer)
-    start = time.perf_counter()
+def settled_tokens(model: Transformer, prompt_ids: Sequence[int], sampling: SamplingOptions, beams: BeamOptions,
+                   max_tokens: int, eos_ids: frozenset[int] | set[int] = frozenset()) -> Iterator[int]:
+    """The best beam's tokens as a token stream: each as soon as every hypothesis still in play shares it, the
+    rest when the search ends (its end-of-sequence token included, when it has one)."""
     steps = beam_search_steps(model, prompt_ids, sampling, beams, max_tokens, eos_ids)
     emitted = 0
-    first = None
-
-    def record(text: str, tokens: int, finish: str | None = None) -> Response:
-        return timed_response(text, None, len(prompt_ids), tokens, finish, start, first)
-
     while True:
         try:
             settled = next(steps)
         except StopIteration as done:
             best = done.value[0]
             break
-        first = first or time.perf_counter()
         emitted += len(settled)
-        yield record("".join(decoder.add(token) for token in settled), emitted)
-    first = first or time.perf_counter()
-    ended = bool(best.tokens) and best.tokens[-1] in eos_ids
-    rest = best.tokens[emitted : len(best.tokens) - (1 if ended else 0)]
-    text = "".join(decoder.add(token) for token in rest) + decoder.flush()
-    yield record(text, len(best.tokens), "stop" if ended else "length")
+        yield from settled
+    yield from best.tokens[emitted:]
+
+
+def stream_beam_search(model: Transformer, tokenizer, prompt_ids: Sequence[int], sampling: SamplingOptions,
+                       beams: BeamOptions, max_tokens: int, stop: Sequence[str] = ()) -> Iterator[Response]:
+    """Response records for the best beam through the same text layer as sampling (generate.responses): the
+    settled text while the search runs, stop strings included."""
+    tokens = settled_tokens(model, prompt_ids, sampling, beams, max_tokens, tokenizer.eos_token_ids)
+    return responses(tokens, tokenizer, len(prompt_ids), stop)

@@ -34,9 +34,10 @@ class LayerCache:
         self.window = window
         self.ring = window is not None and window < max_len
         slots = window if self.ring else max_len
-        # Only slots holding a position below `length` are ever read, so the buffers need no zeroing.
-        self.keys = torch.empty(batch_size, num_kv_heads, slots, head_dim, dtype=dtype, device=device)
-        self.values = torch.empty_like(self.keys)
+        # Zeroed: rows of a batch at different positions attend over slots only other rows have written, masked
+        # out; but a masked slot's garbage could be NaN, and 0 x NaN would still reach the weighted sum.
+        self.keys = torch.zeros(batch_size, num_kv_heads, slots, head_dim, dtype=dtype, device=device)
+        self.values = torch.zeros_like(self.keys)
         self.length = 0
 
     @property
@@ -79,6 +80,31 @@ class LayerCache:
         self.values[:, :, targets] = values[:, :, T - written :]
         self.length = end
         return all_keys, all_values, start - kept
+
+    def update_rows(self, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor):
+        """One new position per row, each row's own: write keys/values (B, g, 1, hd) at positions (B,); return
+        (keys, values, visible) with keys/values (B, g, S, hd) and visible (B, S) the slots each row attends to
+        (its positions so far, within its window)."""
+        rows = torch.arange(keys.shape[0], device=keys.device)
+        end = int(positions.max()) + 1
+        self.check_room(end)
+        slots = positions % self.slots if self.ring else positions
+        self.keys[rows, :, slots] = keys[:, :, 0]
+        self.values[rows, :, slots] = values[:, :, 0]
+        count = self.slots if self.ring else end
+        index = torch.arange(count, device=keys.device)[None, :]
+        visible = index <= positions[:, None]  # a ring's slots are all in the window once written
+        if self.window and not self.ring:
+            visible &= index > positions[:, None] - self.window
+        self.length = max(self.length, min(end, self.slots) if self.ring else end)
+        return self.keys[:, :, :count], self.values[:, :, :count], visible
+
+    def rows(self, index: slice) -> LayerCache:
+        """A view of some rows: what is written through it is written here."""
+        view = LayerCache.__new__(LayerCache)
+        view.__dict__.update(self.__dict__)
+        view.keys, view.values = self.keys[index], self.values[index]
+        return view
 
     def decode_slots(self, start: int) -> tuple[int, int, int]:
         """For kernels that write one new position themselves: (slot to write, first slot to read, slots to read)
@@ -174,6 +200,15 @@ class KVCache:
     def grow(self, max_len: int) -> None:
         for layer in self.layers:
             layer.grow(max_len)
+
+    def rows(self, index: slice) -> KVCache:
+        """A view of some rows (beams, or the requests of a batch): writes go to this cache's buffers."""
+        return KVCache([layer.rows(index) for layer in self.layers])
+
+    def copy_row(self, source: int, target: int) -> None:
+        for layer in self.layers:
+            layer.keys[target] = layer.keys[source]
+            layer.values[target] = layer.values[source]
 
     def repeat_rows(self, batch_size: int, max_len: int) -> KVCache:
         return KVCache([layer.repeat_rows(batch_size, max_len) for layer in self.layers])

@@ -125,7 +125,7 @@ class ChatSession:
             from localgpt.beam import stream_beam_search
 
             responses = stream_beam_search(self.loaded.model, self.loaded.tokenizer, prompt_ids, settings.sampling,
-                                           beams, settings.max_tokens)
+                                           beams, settings.max_tokens, settings.stop)
         final = None
         try:
             for response in responses:

@@ -208,7 +208,7 @@ def generate(
             Log().record(new_conversation_id(), model_name(loaded.path), system, text, reply, settings.flat(), final)
 
     if beams is not None and beams.num_return_sequences > 1:
-        log_reply(print_beams(loaded, prompt_ids, options, beams, settings.max_tokens, as_json))
+        log_reply(print_beams(loaded, prompt_ids, options, beams, settings.max_tokens, settings.stop, as_json))
         return
 
     if beams is None:
@@ -218,7 +218,7 @@ def generate(
         from localgpt.beam import stream_beam_search
 
         responses = stream_beam_search(loaded.model, loaded.tokenizer, prompt_ids, options, beams,
-                                       settings.max_tokens)
+                                       settings.max_tokens, settings.stop)
     pieces: list[str] = []
     final = None
     try:
@@ -248,13 +248,16 @@ def load_for_generation(model: str | None, dtype: str, device: str, quantize: st
     return load_reference(model, dtype, device, quantize, compile_step)
 
 
-def print_beams(loaded, prompt_ids: list[int], options, beams, max_tokens: int, as_json: bool) -> str:
-    """--num-return-sequences > 1: nothing streams; every sequence at the end, best first. Returns the best."""
+def print_beams(loaded, prompt_ids: list[int], options, beams, max_tokens: int, stop, as_json: bool) -> str:
+    """--num-return-sequences > 1: nothing streams; every sequence at the end, best first, each cut at its first
+    stop string. Returns the best."""
     from localgpt.beam import beam_search
+    from localgpt.generate import find_stop
 
     tokenizer = loaded.tokenizer
     hypotheses = beam_search(loaded.model, prompt_ids, options, beams, max_tokens, tokenizer.eos_token_ids)
     texts = [tokenizer.decode([t for t in h.tokens if t not in tokenizer.eos_token_ids]) for h in hypotheses]
+    texts = [text[:index] if (index := find_stop(text, stop)[0]) >= 0 else text for text in texts]
     if as_json:
         sequences = [{"text": text, "tokens": len(h.tokens), "score": round(h.score, 6)}
                      for text, h in zip(texts, hypotheses, strict=True)]

@@ -80,19 +80,23 @@ def generate_tokens(model: Transformer, prompt_ids: Sequence[int], options: Samp
     if options.seed is not None and not options.greedy:
         generator = torch.Generator(device=device).manual_seed(options.seed)
     needs_history = options.repetition_penalty != 1.0 or options.no_repeat_ngram_size > 0
+    counts = None  # the answer's token counts, for the presence and frequency penalties
+    if options.presence_penalty or options.frequency_penalty:
+        counts = torch.zeros(1, model.config.vocab_size, dtype=torch.long, device=device)
 
     logits = prefill(model, history[:, cache.length : prompt_len], cache)
     length = prompt_len
     for _ in range(max_tokens):
-        if needs_history:
-            logits = process_logits(logits, history[:, :length], options)
-        elif not options.greedy:
-            logits = process_logits(logits, history[:, :0], options)
+        if needs_history or counts is not None or not options.greedy:
+            logits = process_logits(logits, history[:, :length] if needs_history else history[:, :0], options,
+                                    answer_counts=counts)
         next_token = sample(logits, options, generator)  # (1,)
         token = int(next_token)
         yield token
         if token in eos_ids:
             return
+        if counts is not None:
+            counts[0, token] += 1
         history[0, length] = token
         length += 1
         if length >= total:

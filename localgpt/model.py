@@ -86,7 +86,9 @@ class Attention(nn.Module):
         self.window = config.layer(layer_index).window
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: LayerCache,
-                start: int) -> torch.Tensor:
+                start: int | torch.Tensor) -> torch.Tensor:
+        """start: the position of x's first token, or (B,) positions, one per row, for one token per row of
+        independent sequences (a batch of requests)."""
         B, T, _ = x.shape
         h, g, hd = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(x)  # (B, T, (h + 2g) * hd)
@@ -102,7 +104,10 @@ class Attention(nn.Module):
             if rope is not None:
                 qk = apply_rope(qk, *rope)
             q, k = qk.split((h, g), dim=2)
-        # (B, T, heads, hd) → (B, heads, T, hd)
+        if isinstance(start, torch.Tensor):  # each row at its own position: a mask per row says what it sees
+            keys, values, visible = cache.update_rows(start, k.transpose(1, 2), v.transpose(1, 2))
+            out = self.attend_rows(q.transpose(1, 2), keys, values, visible)  # (B, h, 1, hd)
+            return self.o_proj(out.transpose(1, 2).reshape(B, T, h * hd))
         # (B, T, heads, hd) → (B, heads, T, hd); keys/values (B, g, S, hd) hold positions [first_key, start + T)
         keys, values, first_key = cache.update(start, k.transpose(1, 2), v.transpose(1, 2))
         out = self.attend(q.transpose(1, 2), keys, values, start, first_key)  # (B, h, T, hd)
@@ -136,6 +141,22 @@ class Attention(nn.Module):
                 scores = scores.masked_fill(~mask, float("-inf"))
             out = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ values
         return out.reshape(B, self.num_heads, T, hd)
+
+
+    def attend_rows(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                    visible: torch.Tensor) -> torch.Tensor:
+        """One query per row, q (B, h, 1, hd), over keys/values (B, g, S, hd) where visible (B, S) marks the slots
+        each row attends to."""
+        B, h, _, hd = q.shape
+        q = q.reshape(B, self.num_kv_heads, h // self.num_kv_heads, hd)  # (B, g, group, hd), as in attend
+        mask = visible[:, None, None, :]  # (B, 1, 1, S): broadcast over kv heads and grouped queries
+        if self.softcap is None:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale)
+        else:
+            scores = torch.tanh((q @ keys.transpose(-1, -2)) * self.scale / self.softcap) * self.softcap
+            scores = scores.masked_fill(~mask, float("-inf"))
+            out = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ values
+        return out.reshape(B, h, 1, hd)
 
 
 class MLP(nn.Module):
@@ -223,9 +244,13 @@ class Transformer(nn.Module):
                                    c.layer(i).window) for i in range(c.num_layers)])
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache, start: int | None = None,
-                last_only: bool = True) -> torch.Tensor:
+                last_only: bool = True, positions: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, T) at positions [cache.length, +T) → logits (B, 1 or T, vocab); the cache advances.
-        `start` below cache.length trims the cache back to it first."""
+        `start` below cache.length trims the cache back to it first. `positions` (B,), for one token per row of
+        independent sequences: each row's own position (its cache row holds the positions before it)."""
+        if positions is not None:
+            ropes = {name: tables.rows(positions, self.dtype, self.device) for name, tables in self.rotary.items()}
+            return self.run(input_ids, ropes, cache, positions, last_only)
         if start is not None and start != cache.length and cache.trim(start) != start:
             raise ValueError(f"the cache cannot go back to position {start} (it holds {cache.length})")
         start = cache.length
@@ -244,7 +269,10 @@ class Transformer(nn.Module):
         if self.config.embed_scale:
             x = x * torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype)
         if self.config.learned_positions:
-            x = x + self.embed_positions(torch.arange(start, start + T, device=x.device))
+            if isinstance(start, torch.Tensor):
+                x = x + self.embed_positions(start)[:, None]  # (B, 1, hidden): each row at its own position
+            else:
+                x = x + self.embed_positions(torch.arange(start, start + T, device=x.device))
         for layer, layer_cache in zip(self.layers, cache.layers, strict=True):
             x = layer(x, ropes[layer.rope] if layer.rope else None, layer_cache, start)
         if last_only:

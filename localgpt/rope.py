@@ -117,6 +117,18 @@ class RotaryTables:
             tables = self.tables = self.layout(*cos_sin(inv_freq, torch.arange(size, device=device), scaling), dtype)
         return tables[0][start:end], tables[1][start:end]
 
+    def rows(self, positions: torch.Tensor, dtype: torch.dtype,
+             device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tables for one position per row, positions (B,) → cos and signed sin (B, 1, 1, hd). Dynamic NTK past
+        the trained length takes its base from the longest row, as transformers does for a batch."""
+        end = int(positions.max()) + 1
+        if self.rope.rope_type == "dynamic" and end > self.max_positions:
+            inv_freq, scaling = inverse_frequencies(self.rope, self.head_dim, self.max_positions, seq_len=end)
+            cos, sin = self.layout(*cos_sin(inv_freq, positions.to(device), scaling), dtype)
+            return cos[:, None], sin[:, None]
+        cos, sin = self(0, end, dtype, device)
+        return cos[positions][:, None], sin[positions][:, None]
+
     @staticmethod
     def layout(cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         half = sin.shape[-1] // 2

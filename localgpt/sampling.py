@@ -1,7 +1,8 @@
 """Logits processors and samplers: pure functions on tensors, with transformers' semantics and order.
 
 Order (as transformers' generate): repetition penalty, no-repeat-ngram, then temperature → top-k → top-p → min-p →
-typical-p.
+typical-p. The OpenAI-style processors transformers does not have (presence and frequency penalties over the
+answer's tokens, a per-token logit bias) run after the penalties and before the warpers, as vLLM applies them.
 Shapes: logits (B, V) float32, history (B, L) token ids.
 """
 
@@ -44,6 +45,24 @@ def apply_no_repeat_ngram(logits: torch.Tensor, histories: list[list[int]], n: i
         if banned:
             logits[row, banned] = NEG_INF
     return logits
+
+
+def apply_presence_frequency(logits: torch.Tensor, counts: torch.Tensor, presence: float,
+                             frequency: float) -> torch.Tensor:
+    """OpenAI's penalties: counts (B, V) is how often each token occurs in the answer so far (not the prompt);
+    logit - presence * [count > 0] - frequency * count."""
+    if not presence and not frequency:
+        return logits
+    return logits - presence * (counts > 0).to(logits.dtype) - frequency * counts.to(logits.dtype)
+
+
+def apply_logit_bias(logits: torch.Tensor, bias: dict[int, float] | None) -> torch.Tensor:
+    """Add a bias to chosen token ids' logits (OpenAI's logit_bias: -100 bans, +100 all but forces)."""
+    if not bias:
+        return logits
+    ids = torch.tensor(list(bias), dtype=torch.long, device=logits.device)
+    return logits.index_add(-1, ids, torch.tensor(list(bias.values()), dtype=logits.dtype, device=logits.device)
+                            .expand(logits.shape[0], -1))
 
 
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -99,11 +118,16 @@ def apply_typical_p(logits: torch.Tensor, mass: float, min_tokens_to_keep: int =
 
 
 def process_logits(logits: torch.Tensor, history: torch.Tensor, options: SamplingOptions,
-                   min_tokens_to_keep: int = 1) -> torch.Tensor:
-    """All processors in transformers' order. The warpers (temperature onward) only apply when sampling."""
+                   min_tokens_to_keep: int = 1, answer_counts: torch.Tensor | None = None,
+                   logit_bias: dict[int, float] | None = None) -> torch.Tensor:
+    """All processors in transformers' order. The warpers (temperature onward) only apply when sampling.
+    answer_counts (B, V): token counts of the answer so far, for the presence and frequency penalties."""
     logits = apply_repetition_penalty(logits, history, options.repetition_penalty)
     if options.no_repeat_ngram_size:
         logits = apply_no_repeat_ngram(logits, history.tolist(), options.no_repeat_ngram_size)
+    if answer_counts is not None:
+        logits = apply_presence_frequency(logits, answer_counts, options.presence_penalty, options.frequency_penalty)
+    logits = apply_logit_bias(logits, logit_bias)
     if options.greedy:
         return logits
     logits = apply_temperature(logits, options.temperature)

@@ -49,6 +49,7 @@ AT_LEAST_1 = Rule(">= 1", lambda v: v >= 1)
 POSITIVE = Rule("> 0", lambda v: v > 0)
 UNIT = Rule("in [0, 1]", lambda v: 0 <= v <= 1)
 NUCLEUS = Rule("in (0, 1]", lambda v: 0 < v <= 1)
+PENALTY_RANGE = Rule("in [-2, 2]", lambda v: -2 <= v <= 2)  # OpenAI's range for presence and frequency penalties
 STOPPING_RULES = Rule("true, false or never", lambda v: isinstance(v, bool) or v == "never")
 
 
@@ -76,6 +77,10 @@ class SamplingOptions:
                                         model_key="repetition_penalty")
     no_repeat_ngram_size: int = setting(0, "Never repeat an n-gram of this size (0 = off).", "int", rule=AT_LEAST_0,
                                         model_key="no_repeat_ngram_size")
+    presence_penalty: float = setting(0.0, "Subtract this from every token the answer already holds (0 = off).",
+                                      "float", rule=PENALTY_RANGE)
+    frequency_penalty: float = setting(0.0, "Subtract this times how often the answer holds a token (0 = off).",
+                                       "float", rule=PENALTY_RANGE)
     seed: int | None = setting(None, "Random seed, for repeatable sampling.", "optional-int")
 
     @property
@@ -150,8 +155,9 @@ class GenerationSettings:
         check_fields(self)
         self.sampling.validate()
         self.beam.validate()
-        if self.stop and self.beam.num_beams > 1:
-            raise SettingError("stop works with one beam only — drop stop or num_beams")
+        if self.beam.num_beams > 1 and (self.sampling.presence_penalty or self.sampling.frequency_penalty):
+            raise SettingError("presence_penalty and frequency_penalty work with one beam only — drop them or "
+                               "num_beams")
         return self
 
 

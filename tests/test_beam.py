@@ -171,3 +171,24 @@ def test_cli_beam_example_streams_and_lists(smol):
     bad = subprocess.run(base + ["--num-beams", "2", "--num-return-sequences", "3"], capture_output=True, text=True,
                          timeout=60, stdin=subprocess.DEVNULL)
     assert bad.returncode == 2 and bad.stderr.startswith("Error: --num-return-sequences (3) cannot exceed")
+
+
+@pytest.mark.slow
+def test_stop_strings_cut_the_streamed_best_beam(smol):
+    """Beam search streams through the same text layer as sampling: a stop string ends the best beam's text
+    before it (never printed), with the stop-sequence finish reason."""
+    from localgpt.beam import stream_beam_search
+
+    _, loaded = smol
+    ids = loaded.tokenizer.encode_chat([{"role": "user", "content": "Write a short poem about the sea."}])
+    beams, greedy = BeamOptions(3, early_stopping="never"), SamplingOptions(temperature=0)
+
+    def run(stop=()):
+        records = list(stream_beam_search(loaded.model, loaded.tokenizer, ids, greedy, beams, 30, stop))
+        return "".join(r.text for r in records), records[-1].finish_reason
+
+    full, _ = run()
+    words = full.split()
+    stop = " " + words[len(words) // 2]
+    cut, finish = run([stop])
+    assert cut == full[: full.index(stop)] and finish == "stop-sequence"

@@ -111,3 +111,24 @@ def test_seeded_sampling_repeats_and_respects_filters():
 def test_invalid_values_are_refused(field, value):
     with pytest.raises(UsageError, match=f"^{field} must be "):  # the setting's name; the CLI says its flag
         SamplingOptions(**{field: value}).validate()
+
+
+def test_presence_and_frequency_penalties_and_logit_bias():
+    """OpenAI's definitions: logit - presence x [count > 0] - frequency x count, over the answer's counts; a bias
+    added to the chosen ids. They run before the warpers, after transformers' own penalties."""
+    from localgpt.sampling import apply_logit_bias, apply_presence_frequency
+
+    logits = random_logits(3)
+    counts = torch.zeros_like(logits, dtype=torch.long)
+    counts[0, 5], counts[0, 9], counts[1, 5] = 1, 3, 2
+    penalized = apply_presence_frequency(logits, counts, 0.5, 0.25)
+    expected = logits.clone()
+    expected[0, 5] -= 0.5 + 0.25
+    expected[0, 9] -= 0.5 + 0.75
+    expected[1, 5] -= 0.5 + 0.5
+    assert torch.allclose(penalized, expected)
+    biased = apply_logit_bias(logits, {7: -100.0, 8: 2.5})
+    assert torch.equal(biased[:, 7], logits[:, 7] - 100) and torch.equal(biased[:, 8], logits[:, 8] + 2.5)
+    options = SamplingOptions(temperature=0, presence_penalty=0.5, frequency_penalty=0.25)
+    chained = process_logits(logits, history(3)[:, :0], options, answer_counts=counts, logit_bias={7: -100.0})
+    assert torch.allclose(chained, apply_logit_bias(expected, {7: -100.0}))

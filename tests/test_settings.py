@@ -44,7 +44,8 @@ def test_flat_names_round_trip():
     ({"seed": True}, "True is not a valid value for seed (an integer, or none)"),  # JSON true is not 1
     ({"early_stopping": "sometimes"}, "'sometimes' is not a valid value for early_stopping (true, false or never)"),
     ({"num_beams": 2, "num_return_sequences": 3}, "num_return_sequences (3) cannot exceed num_beams (2)"),
-    ({"num_beams": 2, "stop": ["x"]}, "stop works with one beam only — drop stop or num_beams"),
+    ({"num_beams": 2, "presence_penalty": 0.5}, "presence_penalty and frequency_penalty work with one beam only"),
+    ({"frequency_penalty": 3}, "frequency_penalty must be in [-2, 2], not 3"),
     ({"bogus": 1}, "unknown setting 'bogus'"),
 ])
 def test_values_are_checked_in_the_settings_words(values, message):
@@ -73,8 +74,8 @@ def test_one_default_for_max_tokens_everywhere():
 
 @pytest.mark.parametrize("argv, message", [
     (["generate", "hi", "--top-p", "2"], "Error: --top-p must be in (0, 1], not 2\n"),
-    (["generate", "hi", "--num-beams", "2", "--stop", "x"], "Error: --stop works with one beam only — drop --stop "
-                                                             "or --num-beams\n"),
+    (["generate", "hi", "--num-beams", "2", "--frequency-penalty", "1"],
+     "Error: --presence-penalty and --frequency-penalty work with one beam only — drop them or --num-beams\n"),
     (["chat", "--early-stopping", "maybe"], "Error: 'maybe' is not a valid value for --early-stopping (true, false "
                                             "or never)\n"),
     (["generate", "hi", "-n", "0"], "Error: --max-tokens must be >= 1, not 0\n"),

@@ -68,7 +68,7 @@ class NativeAttention(Attention):
 
     def forward(self, x: torch.Tensor, rope, cache, start: int) -> torch.Tensor:
         B, T, _ = x.shape
-        if T == 1 and not self.qk_norm and not torch.compiler.is_compiling():
+        if T == 1 and isinstance(start, int) and not self.qk_norm and not torch.compiler.is_compiling():
             h = self.num_heads
             out = native.decode_attention(self.qkv_proj(x), rope, cache, start, h, self.scale,
                                           self.softcap)  # (B, h, 1, hd)
@@ -90,7 +90,7 @@ class NativeBlock(Block):
     spec: native.BlockSpec
 
     def forward(self, x, rope, cache, start: int) -> torch.Tensor:
-        if x.shape[1] == 1 and not torch.compiler.is_compiling():
+        if x.shape[1] == 1 and isinstance(start, int) and not torch.compiler.is_compiling():
             return native.decoder_block(self.spec, x, rope, cache, start)
         return super().forward(x, rope, cache, start)
 
