@@ -1,10 +1,10 @@
 """torch.compile of the one-token decode step, opt-in (`--compile`).
 
-For machines where localgpt's native backend cannot run (neither AVX-512 nor AVX2, or no C compiler); where they
-run, it is skipped with a notice, because the compiled step was slower than them. Measured on SmolLM2-135M here
-without the kernels (docs/benchmarks.md): +10-25% decode tok/s in float32 and nothing measurable in bfloat16 (whose
-products are already one oneDNN call each), for 25-40 s of compilation with a warm inductor cache and 50-110 s cold,
-so it is never on by default and the user is told before the wait. Prefill stays eager (its
+For machines where localgpt's native backend cannot run (no kernels for the CPU, or no C compiler); where it runs
+whole layers, compiling is skipped with a notice, because inductor's kernels replace the native ones and decode
+slower. Without the kernels it pays a little in float32 and nothing in bfloat16 (whose products are already one
+oneDNN call each) for tens of seconds of compilation (figures: docs/benchmarks.md), so it is never on by default
+and the user is told before the wait. Prefill stays eager (its
 products are large and dispatch is a small share of them). On CUDA the step is compiled with
 mode="reduce-overhead" (CUDA graphs). If compilation fails (no C++ compiler, an
 unsupported platform), the model keeps running eagerly after one notice.
@@ -24,8 +24,7 @@ def compile_decode(model: Transformer, notify=None) -> bool:
     Returns whether the compiled step is in use. `notify(message)` hears what is happening; default stderr."""
     notify = notify or (lambda message: print(f"localgpt: {message}", file=sys.stderr, flush=True))
     if model.backend is not None and model.backend.layers:
-        # Inductor would replace the native layers with its own kernels: 36 against 51 tok/s in float32 and 65
-        # against 79 in bfloat16 on SmolLM2 here (docs/benchmarks.md), after a minute of compiling.
+        # Inductor would replace the native layers with its own, slower kernels (docs/benchmarks.md).
         notify("--compile skipped: the native kernels decode faster than a compiled step here")
         return False
     mode = "reduce-overhead" if model.device.type == "cuda" else None

@@ -4,9 +4,9 @@
  * Llama-family layer made of them (docs/architecture.md, "Native kernels").
  *
  * Why: decoding one token reads every weight once, so its speed is memory bandwidth over weight bytes, and on a
- * small model the dispatch of ~50 torch ops per layer costs as much again. torch's bfloat16 products read ~8-10
- * GB/s here for one row; these loops stream each weight row once, both cores splitting the rows, at 26-44 GB/s
- * (what the machine gives at the moment) in either dtype (docs/benchmarks.md). Built once per machine by
+ * small model the dispatch of ~50 torch ops per layer costs as much again. torch's bfloat16 product of one row
+ * reads far below the machine's bandwidth; these loops stream each weight row once, the cores splitting the rows,
+ * at the bandwidth the machine gives, in either dtype (figures: docs/benchmarks.md). Built once per machine by
  * localgpt/native.py with the system C compiler (-O3 -march=native -fopenmp -ffp-contract=off); it joins torch's own
  * OpenMP runtime (same libgomp.so.1), so torch.set_num_threads applies and the two never compete for cores.
  *
@@ -170,8 +170,8 @@ const char *lg_isa(void) { return VL == 16 ? "avx512" : VL == 8 ? "avx2" : "neon
 #define MAX_ROWS 4 /* rows of x per pass over the weights: 4 x 2 accumulators stay in registers */
 
 /* With 3-4 rows of x the loop computes long enough per byte that the hardware prefetchers fall behind: asking for
- * the weight lines 16 KB ahead into L2 took 4-row float32 products from 23 to 29 GB/s here (for 1-2 rows it cost
- * bandwidth, so they do not). */
+ * the weight lines 16 KB ahead into L2 makes 4-row float32 products faster (for 1-2 rows it costs bandwidth, so
+ * they do not; measured in docs/benchmarks.md). */
 #define PREFETCH_BYTES 16384
 static inline void prefetch_ahead(const void *at, int lines) {
     for (int line = 0; line < lines; line++) __builtin_prefetch((const char *)at + PREFETCH_BYTES + 64 * line, 0, 2);

@@ -3,8 +3,8 @@
 On CPU, for the few rows of decoding (one token, or one per beam):
 - float32: one bmm over per-core row blocks of the weight (a view, no copy). MKL's product of one row and an
   (out, in) weight runs on one core; the blocked bmm spreads it over all of them (docs/benchmarks.md);
-- bfloat16: the weight held in oneDNN's packed layout (same bytes, same results bit for bit), which multiplied
-  1-4 rows ~2x faster than F.linear.
+- bfloat16: the weight held in oneDNN's packed layout (same bytes, same results bit for bit), which multiplies
+  a few rows much faster than F.linear (docs/benchmarks.md).
 Prefill-sized inputs keep F.linear. CUDA keeps F.linear throughout.
 """
 
@@ -28,7 +28,7 @@ def blocked_product(rows: torch.Tensor, weight: torch.Tensor, parts: int) -> tor
 @torch.library.custom_op("localgpt::blocked_product", mutates_args=())
 def blocked_product_op(rows: torch.Tensor, weight: torch.Tensor, parts: int) -> torch.Tensor:
     """blocked_product as an opaque op for torch.compile: inductor's CPU lowering turns a product with one column
-    into a generated multiply-and-sum loop, which made the compiled step 2x slower than eager. (Eager calls the
+    into a generated multiply-and-sum loop, which made the compiled step slower than eager. (Eager calls the
     plain function: a custom op costs tens of microseconds of dispatch per call.)"""
     return blocked_product(rows, weight, parts).contiguous()
 
