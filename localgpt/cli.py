@@ -341,6 +341,38 @@ def main(argv: list[str] | None = None) -> None:
 
 
 @command
+def serve(
+    model: str = MODEL_OPTION,
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (loopback unless told otherwise)."),
+    port: int = typer.Option(8000, "--port", help="Port to listen on (0: any free port, printed on stderr)."),
+    parallel: int = typer.Option(4, "--parallel", help="Sequences decoded together as one batch."),
+    api_key: str | None = typer.Option(None, "--api-key", envvar="LOCALGPT_API_KEY",
+                                       help="Require 'Authorization: Bearer KEY' on every request."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 | float16"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
+    quantize: str | None = QUANTIZE_OPTION,
+):
+    """Serve the model over the OpenAI API (chat and completions, streaming) until Ctrl-C. Needs
+    localgpt-cli[serve]."""
+    check_load_flags(dtype, quantize)
+    if not 1 <= parallel <= 64:
+        raise UsageError(f"--parallel must be between 1 and 64, not {parallel}")
+    if not 0 <= port <= 65535:
+        raise UsageError(f"--port must be between 0 and 65535, not {port}")
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise UsageError("serve needs FastAPI and uvicorn: pip install 'localgpt-cli[serve]'") from None
+    from localgpt.serve import listen
+    from localgpt.serve import serve as run_server
+
+    listener = listen(host, port)
+    loaded = load_for_generation(model, dtype, device, quantize, False)
+    run_server(loaded, model_name(loaded.path), listener, parallel, api_key)
+
+
+@command
 def download(
     repo_id: str = typer.Argument(..., metavar="ORG/NAME", help="Hub repo id, ORG/NAME."),
     revision: str | None = typer.Option(None, "--revision", help="Branch, tag or commit."),

@@ -128,19 +128,50 @@ def stream_generate(model: Transformer, tokenizer, prompt_ids: Sequence[int], op
     return responses(tokens, tokenizer, len(prompt_ids), stop)
 
 
+class TextStream:
+    """Tokens in, text deltas out, for one answer: bytes split across tokens wait for their character, stop
+    strings are never given out, and text that may begin one is held back until it is resolved. Push-style (the
+    batch engine's consumers feed it); `responses` is the same as a generator."""
+
+    def __init__(self, tokenizer, stop: Sequence[str] = ()):
+        self.stops = [s for s in stop if s]
+        self.decoder = StreamDecoder(tokenizer)
+        self.pending = ""
+        self.stopped = False  # a stop string appeared: nothing more comes
+
+    def add(self, token: int) -> str:
+        self.pending += self.decoder.add(token)
+        return self._release(hold=True)
+
+    def finish(self) -> str:
+        """The text held back, at the end of the answer."""
+        self.pending += self.decoder.flush()
+        return self._release(hold=False)
+
+    def _release(self, hold: bool) -> str:
+        if self.stopped:
+            return ""
+        index, held = find_stop(self.pending, self.stops)
+        if index >= 0:
+            self.stopped = True
+            ready, self.pending = self.pending[:index], ""
+            return ready
+        held = held if hold else 0
+        ready, self.pending = self.pending[: len(self.pending) - held], self.pending[len(self.pending) - held :]
+        return ready
+
+
 def responses(tokens: Iterable[int], tokenizer, prompt_tokens: int, stop: Sequence[str] = ()) -> Iterator[Response]:
     """The text layer over any token stream: deltas, stop strings, finish reason and speed figures."""
-    stops = [s for s in stop if s]
-    decoder = StreamDecoder(tokenizer)
+    text = TextStream(tokenizer, stop)
     start = time.perf_counter()
     first_token_time = None
     generated = 0
-    pending = ""
     finish = "length"
     last_token = None
 
-    def record(text: str, finish_reason: str | None = None) -> Response:
-        return timed_response(text, last_token, prompt_tokens, generated, finish_reason, start, first_token_time)
+    def record(delta: str, finish_reason: str | None = None) -> Response:
+        return timed_response(delta, last_token, prompt_tokens, generated, finish_reason, start, first_token_time)
 
     for token in tokens:
         if first_token_time is None:
@@ -150,16 +181,10 @@ def responses(tokens: Iterable[int], tokenizer, prompt_tokens: int, stop: Sequen
         if token in tokenizer.eos_token_ids:
             finish = "stop"
             break
-        pending += decoder.add(token)
-        index, hold = find_stop(pending, stops)
-        if index >= 0:
-            yield record(pending[:index], "stop-sequence")
+        delta = text.add(token)
+        if text.stopped:
+            yield record(delta, "stop-sequence")
             return
-        ready, pending = pending[: len(pending) - hold], pending[len(pending) - hold :]
-        yield record(ready)
-    pending += decoder.flush()
-    index, _ = find_stop(pending, stops)
-    if index >= 0:
-        yield record(pending[:index], "stop-sequence")
-        return
-    yield record(pending, finish)
+        yield record(delta)
+    delta = text.finish()
+    yield record(delta, "stop-sequence" if text.stopped else finish)
