@@ -33,17 +33,18 @@ def start(model: str, parallel: int, log: Path) -> tuple[subprocess.Popen, int]:
     return process, int(log.read_text().split("http://127.0.0.1:")[1].split("/")[0])
 
 
-def stream(client: OpenAI, model: str, messages: list[dict], tokens: int, bias: dict) -> tuple[float, float, int]:
-    """(seconds to the first token, seconds from the first to the last, tokens)."""
+def stream(client: OpenAI, model: str, messages: list[dict], tokens: int,
+           bias: dict) -> tuple[float, float, int, str]:
+    """(seconds to the first token, seconds from the first to the last, chunks with text, the text)."""
     started = time.perf_counter()
     first = None
-    count = 0
+    pieces = []
     for chunk in client.chat.completions.create(model=model, messages=messages, max_tokens=tokens, temperature=0,
                                                 stream=True, logit_bias=bias):
         if chunk.choices and chunk.choices[0].delta.content:
             first = first or time.perf_counter()
-            count += 1
-    return first - started, time.perf_counter() - first, count
+            pieces.append(chunk.choices[0].delta.content)
+    return first - started, time.perf_counter() - first, len(pieces), "".join(pieces)
 
 
 def main() -> None:
@@ -67,9 +68,9 @@ def main() -> None:
             model = client.models.list().data[0].id
             question = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
             stream(client, model, question, 8, bias)  # warm-up
-            _, decode_s, count = stream(client, model, question, args.tokens, bias)
+            _, decode_s, count, _ = stream(client, model, question, args.tokens, bias)
             single = (count - 1) / decode_s
-            results: list[tuple[float, float, int]] = []
+            results: list[tuple[float, float, int, str]] = []
             threads = [threading.Thread(target=lambda i=i: results.append(stream(
                 client, model, [{"role": "user", "content": f"Story {i} about a lighthouse keeper."}], args.tokens,
                 bias))) for i in range(args.parallel)]
@@ -79,11 +80,13 @@ def main() -> None:
             for thread in threads:
                 thread.join()
             wall = time.perf_counter() - started
-            aggregate = sum(count for _, _, count in results) / wall
-            first_turn, _, _ = stream(client, model, question, args.tokens, bias)
-            reply = "Once there was a keeper. " * 8
-            follow = question + [{"role": "assistant", "content": reply}, {"role": "user", "content": "Go on."}]
-            second_turn, _, _ = stream(client, model, follow, args.tokens, bias)
+            aggregate = sum(result[2] for result in results) / wall
+            # A conversation: its first turn, then a second whose messages hold the first answer (the server keeps
+            # the finished turn's row, so only the new tokens are prefilled).
+            talk = [{"role": "user", "content": "Describe a lighthouse at night in detail."}]
+            first_turn, _, _, reply = stream(client, model, talk, args.tokens, bias)
+            follow = talk + [{"role": "assistant", "content": reply}, {"role": "user", "content": "Go on."}]
+            second_turn, _, _, _ = stream(client, model, follow, args.tokens, bias)
         finally:
             process.send_signal(signal.SIGTERM)
             process.wait(timeout=30)

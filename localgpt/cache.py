@@ -119,6 +119,21 @@ class LayerCache:
         self.length = end
         return slot, first, count
 
+    def decode_rows(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """decode_slots for rows at their own positions (B,): int64 tensors (slot to write, first slot to read,
+        slots to read), one per row."""
+        positions = positions.to(torch.int64).contiguous()
+        end = int(positions.max()) + 1
+        if self.ring:
+            slots, firsts, counts = positions % self.slots, torch.zeros_like(positions), (positions + 1).clamp(
+                max=self.slots)
+        else:
+            self.check_room(end)
+            firsts = (positions + 1 - self.window).clamp(min=0) if self.window else torch.zeros_like(positions)
+            slots, counts = positions, positions + 1 - firsts
+        self.length = max(self.length, min(end, self.slots) if self.ring else end)
+        return slots.contiguous(), firsts.contiguous(), counts.contiguous()
+
     def filled(self) -> slice:
         return slice(0, min(self.length, self.slots))
 
@@ -205,10 +220,14 @@ class KVCache:
         """A view of some rows (beams, or the requests of a batch): writes go to this cache's buffers."""
         return KVCache([layer.rows(index) for layer in self.layers])
 
-    def copy_row(self, source: int, target: int) -> None:
+    def swap_rows(self, first: int, second: int, length: int) -> None:
+        """Exchange two rows' first `length` positions (a ring layer's whole window)."""
         for layer in self.layers:
-            layer.keys[target] = layer.keys[source]
-            layer.values[target] = layer.values[source]
+            held = slice(0, min(length, layer.slots))
+            for buffer in (layer.keys, layer.values):
+                kept = buffer[first, :, held].clone()
+                buffer[first, :, held] = buffer[second, :, held]
+                buffer[second, :, held] = kept
 
     def repeat_rows(self, batch_size: int, max_len: int) -> KVCache:
         return KVCache([layer.repeat_rows(batch_size, max_len) for layer in self.layers])

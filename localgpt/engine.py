@@ -6,10 +6,13 @@ token for every running request at once (one forward pass for all rows, each at 
 joins at the next step and N streams cost little more than one (decoding reads the weights once per step,
 whatever the row count). A finished or cancelled request frees its row at once.
 
-The rows are kept packed at the front of the cache (a finished row takes the last row's place), so a step runs on
-exactly the running rows. When every running row is at the same position, the step takes the model's ordinary
-path (and the native whole-layer kernels); otherwise each row's position goes along (`Transformer.forward`'s
-`positions`) and attention masks per row.
+The rows are kept packed at the front of the cache (a finished row trades places with the last running one), so a
+step runs on exactly the running rows. A free row keeps what it held: a new request whose prompt begins with a
+free row's tokens (the next turn of a conversation) takes that row and prefills only the rest.
+
+When every running row is at the same position, the step takes the model's ordinary path; otherwise each row's
+position goes along (`Transformer.forward`'s `positions`): per-row rotary tables, cache slots and attention, through
+the native backend's _rows kernels where it runs.
 
 One thread owns an Engine and its model: the state a step mutates (the cache, the rotary tables, bitsandbytes'
 first-forward repacking, a compiled step) is then never shared. A server puts requests on a queue for that thread.
@@ -72,7 +75,9 @@ class Engine:
         windowed = any(model.config.layer(i).window for i in range(model.config.num_layers))
         self.cache = model.make_cache(rows, self.max_len if windowed else min(self.max_len, 256))
         self.running: list[_Sequence] = []  # row i of the cache is running[i]
+        self.kept: dict[int, list[int]] = {}  # free row → the tokens whose keys and values it still holds
         self.next_id = 0
+        self.reused_tokens = 0  # prompt tokens not prefilled again, thanks to kept rows (for tests and stats)
 
     @property
     def free_rows(self) -> int:
@@ -98,13 +103,42 @@ class Engine:
             sequence.generator = torch.Generator(device=device).manual_seed(options.seed)
         if options.presence_penalty or options.frequency_penalty:
             sequence.counts = torch.zeros(1, self.model.config.vocab_size, dtype=torch.long, device=device)
-        row = self.cache.rows(slice(len(self.running), len(self.running) + 1))
-        row.trim(0)
-        sequence.logits = prefill(self.model, history[:, :prompt_len], row)
+        index = len(self.running)
+        reused = self._reuse_row(index, request.prompt_ids)
+        row = self.cache.rows(slice(index, index + 1))
+        for layer in row.layers:
+            layer.length = reused
+        sequence.logits = prefill(self.model, history[:, reused:prompt_len], row)
+        self.reused_tokens += reused
         self.running.append(sequence)
         self._note_lengths()
         self.next_id += 1
         return sequence.id
+
+    def _reuse_row(self, index: int, prompt_ids: list[int]) -> int:
+        """Bring the free row holding the longest prefix of prompt_ids to `index`; returns how many of its
+        positions serve (at least the last prompt token is run again: its logits start the answer)."""
+        best, shared = None, 0
+        for row, tokens in self.kept.items():
+            common = 0
+            for held, wanted in zip(tokens, prompt_ids[:-1], strict=False):
+                if held != wanted:
+                    break
+                common += 1
+            if row >= index and common > shared:
+                best, shared = row, common
+        if best is None:
+            self.kept.pop(index, None)  # whatever it held is overwritten
+            return 0
+        tokens = self.kept.pop(best)
+        if best != index:
+            self.cache.swap_rows(best, index, max(len(tokens), len(self.kept.get(index, ()))))
+            if index in self.kept:
+                self.kept[best] = self.kept.pop(index)
+        wrapped = any(layer.ring and len(tokens) > layer.slots for layer in self.cache.layers)
+        if wrapped and shared < len(tokens):
+            return 0  # a ring that has wrapped lost the positions before its window: going back means anew
+        return shared
 
     def cancel(self, request_id: int) -> None:
         """Stop a request now (its client went away): its row is free for the next."""
@@ -185,11 +219,17 @@ class Engine:
         return TokenEvent(sequence.id, token, logprob, top, finish)
 
     def _free(self, index: int) -> None:
+        """The row's sequence is done: the rows stay packed (the last running row trades places with it) and the
+        freed row keeps its tokens for a request that continues them."""
+        finished = self.running[index]
+        held = finished.history[0, : finished.length].tolist()
         last = len(self.running) - 1
-        if index != last:  # keep the rows packed: the last row takes the freed one's place
-            self.cache.copy_row(last, index)
-            self.running[index] = self.running[last]
+        if index != last:
+            moved = self.running[last]
+            self.cache.swap_rows(index, last, max(finished.length, moved.length))
+            self.running[index] = moved
         self.running.pop()
+        self.kept[last] = held
 
 
 def generate_batch(model: Transformer, requests: list[Request], rows: int | None = None) -> Iterator[TokenEvent]:

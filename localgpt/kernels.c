@@ -316,19 +316,27 @@ static inline vf vexp(vf x) {
 #define MAX_HEAD_DIM 512
 #define MAX_HEAD_CHUNKS (MAX_HEAD_DIM / VL)
 
+/* Rows at their own positions (a batch of independent sequences): row b reads counts[b] slots from firsts[b]
+ * (NAME##_rows); with firsts and counts NULL every row reads S slots from 0. */
 #define DECODE_ATTENTION(NAME, T, LOAD, STORE)                                                                   \
-    int NAME(const T *q, const T *k, const T *v, T *out, int64_t B, int64_t h, int64_t g, int64_t S, int64_t hd, \
-             int64_t q_batch_stride, int64_t q_head_stride, int64_t kv_batch_stride, int64_t kv_head_stride,     \
-             float scale, float softcap) {                                                                       \
-        int64_t chunks = (hd + VL - 1) / VL, group = h / g;                                                      \
-        if (chunks > MAX_HEAD_CHUNKS || S < 1) return -1;                                                        \
+    static int NAME##_impl(const T *q, const T *k, const T *v, T *out, int64_t B, int64_t h, int64_t g,         \
+                           int64_t S, const int64_t *firsts, const int64_t *counts, int64_t hd,                 \
+                           int64_t q_batch_stride, int64_t q_head_stride, int64_t kv_batch_stride,              \
+                           int64_t kv_head_stride, float scale, float softcap) {                                \
+        int64_t chunks = (hd + VL - 1) / VL, group = h / g, most = S;                                            \
+        for (int64_t b = 0; counts && b < B; b++) {                                                              \
+            if (counts[b] < 1) return -1;                                                                        \
+            most = counts[b] > most ? counts[b] : most;                                                          \
+        }                                                                                                        \
+        if (chunks > MAX_HEAD_CHUNKS || most < 1) return -1;                                                     \
         int failed = 0;                                                                                          \
-        _Pragma("omp parallel for collapse(2) if (B * h * S * hd >= 65536) reduction(| : failed)")              \
+        _Pragma("omp parallel for collapse(2) if (B * h * most * hd >= 65536) reduction(| : failed)")           \
         for (int64_t b = 0; b < B; b++)                                                                          \
             for (int64_t head = 0; head < h; head++) {                                                           \
+                int64_t S = counts ? counts[b] : most, first = firsts ? firsts[b] : 0;                           \
                 const T *qh = q + b * q_batch_stride + head * q_head_stride;                                     \
-                const T *kh = k + b * kv_batch_stride + head / group * kv_head_stride;                           \
-                const T *vh = v + b * kv_batch_stride + head / group * kv_head_stride;                           \
+                const T *kh = k + b * kv_batch_stride + head / group * kv_head_stride + first * hd;              \
+                const T *vh = v + b * kv_batch_stride + head / group * kv_head_stride + first * hd;              \
                 float *scores = malloc(S * sizeof(float));                                                       \
                 if (!scores) { failed = 1; continue; }                                                           \
                 vf query[MAX_HEAD_CHUNKS], acc[MAX_HEAD_CHUNKS];                                                 \
@@ -364,6 +372,19 @@ static inline vf vexp(vf x) {
                 for (int64_t c = 0; c < chunks; c++) STORE(oh + c * VL, vmul(acc[c], inverse), hd - c * VL);     \
             }                                                                                                    \
         return failed ? -1 : 0;                                                                                  \
+    }                                                                                                            \
+    int NAME(const T *q, const T *k, const T *v, T *out, int64_t B, int64_t h, int64_t g, int64_t S, int64_t hd, \
+             int64_t q_batch_stride, int64_t q_head_stride, int64_t kv_batch_stride, int64_t kv_head_stride,     \
+             float scale, float softcap) {                                                                       \
+        return NAME##_impl(q, k, v, out, B, h, g, S, NULL, NULL, hd, q_batch_stride, q_head_stride,              \
+                           kv_batch_stride, kv_head_stride, scale, softcap);                                     \
+    }                                                                                                            \
+    int NAME##_rows(const T *q, const T *k, const T *v, T *out, int64_t B, int64_t h, int64_t g,                 \
+                    const int64_t *firsts, const int64_t *counts, int64_t hd, int64_t q_batch_stride,            \
+                    int64_t q_head_stride, int64_t kv_batch_stride, int64_t kv_head_stride, float scale,         \
+                    float softcap) {                                                                             \
+        return NAME##_impl(q, k, v, out, B, h, g, 0, firsts, counts, hd, q_batch_stride, q_head_stride,          \
+                           kv_batch_stride, kv_head_stride, scale, softcap);                                     \
     }
 
 DECODE_ATTENTION(lg_attention_f32, float, load_f32, store_f32)
@@ -418,13 +439,17 @@ void lg_rms_norm_bf16(const uint16_t *x, const uint16_t *w, uint16_t *out, int64
  * there. The rotation is transformers' rotate-half, x cos + roll(x, hd/2) sin with the sign folded into sin (see
  * model.apply_rope), rounded after each product and the sum as torch rounds them in bfloat16 (compiled with
  * -ffp-contract=off, so float32 rounds the same way too). Why: it replaces a dozen small torch ops per layer. */
+/* NAME##_rows: row b at its own position, writing slot slots[b] with its own tables (cos + b * table_stride). */
 #define ROPE_WRITE(NAME, T, TO_FLOAT, ROUND, STORE)                                                                   \
-    void NAME(const T *qkv, const T *cos, const T *sin, T *q_out, T *cache_k, T *cache_v, int64_t B, int64_t h, \
-              int64_t g, int64_t hd, int64_t cache_batch_stride, int64_t cache_head_stride, int64_t position,    \
-              int rotate) {                                                                                      \
+    static void NAME##_impl(const T *qkv, const T *tables_cos, const T *tables_sin, int64_t table_stride,         \
+                            T *q_out, T *cache_k, T *cache_v, int64_t B, int64_t h, int64_t g, int64_t hd,      \
+                            int64_t cache_batch_stride, int64_t cache_head_stride, const int64_t *slots,        \
+                            int64_t slot, int rotate) {                                                         \
         int64_t half = hd / 2;                                                                                   \
         for (int64_t b = 0; b < B; b++) {                                                                        \
             const T *row = qkv + b * (h + 2 * g) * hd;                                                           \
+            const T *cos = tables_cos + b * table_stride, *sin = tables_sin + b * table_stride;                  \
+            int64_t position = slots ? slots[b] : slot;                                                          \
             for (int64_t head = 0; head < h + g; head++) {                                                       \
                 const T *x = row + head * hd;                                                                    \
                 T *dst = head < h ? q_out + (b * h + head) * hd                                                  \
@@ -442,6 +467,18 @@ void lg_rms_norm_bf16(const uint16_t *x, const uint16_t *w, uint16_t *out, int64
                 for (int64_t i = 0; i < hd; i++) dst[i] = v[i];                                                  \
             }                                                                                                    \
         }                                                                                                        \
+    }                                                                                                            \
+    void NAME(const T *qkv, const T *cos, const T *sin, T *q_out, T *cache_k, T *cache_v, int64_t B, int64_t h, \
+              int64_t g, int64_t hd, int64_t cache_batch_stride, int64_t cache_head_stride, int64_t position,    \
+              int rotate) {                                                                                      \
+        NAME##_impl(qkv, cos, sin, 0, q_out, cache_k, cache_v, B, h, g, hd, cache_batch_stride,                  \
+                    cache_head_stride, NULL, position, rotate);                                                  \
+    }                                                                                                            \
+    void NAME##_rows(const T *qkv, const T *cos, const T *sin, int64_t table_stride, T *q_out, T *cache_k,        \
+                     T *cache_v, int64_t B, int64_t h, int64_t g, int64_t hd, int64_t cache_batch_stride,        \
+                     int64_t cache_head_stride, const int64_t *slots, int rotate) {                              \
+        NAME##_impl(qkv, cos, sin, table_stride, q_out, cache_k, cache_v, B, h, g, hd, cache_batch_stride,       \
+                    cache_head_stride, slots, 0, rotate);                                                        \
     }
 
 static inline float identity_f32(float value) { return value; }
@@ -488,9 +525,10 @@ static inline uint16_t add_bf16(uint16_t a, uint16_t b) { return round_to_bf16_s
     }                                                                                                            \
     /* The new position's keys and values go to cache slot `slot`; attention reads `count` slots from `first` (the \
      * layer cache decides them: a window, or a ring's slots). */                                               \
-    int NAME(const lg_block *b, const T *x, T *out, const T *cos, const T *sin, T *cache_k, T *cache_v,          \
-             int64_t cache_batch_stride, int64_t cache_head_stride, int64_t B, int64_t slot, int64_t first,      \
-             int64_t count, int rotate) {                                                                        \
+    static int NAME##_impl(const lg_block *b, const T *x, T *out, const T *cos, const T *sin,                   \
+                           int64_t table_stride, T *cache_k, T *cache_v, int64_t cache_batch_stride,            \
+                           int64_t cache_head_stride, int64_t B, int64_t slot, int64_t first, int64_t count,    \
+                           const int64_t *slots, const int64_t *firsts, const int64_t *counts, int rotate) {    \
         int64_t D = b->hidden, h = b->heads, g = b->kv_heads, hd = b->head_dim, I = b->inner;                    \
         int64_t width = (h + 2 * g) * hd;                                                                        \
         T *scratch = malloc(sizeof(T) * B * (D + width + 2 * h * hd + 3 * I));                                   \
@@ -500,11 +538,11 @@ static inline uint16_t add_bf16(uint16_t a, uint16_t b) { return round_to_bf16_s
         lg_rms_norm_##SUFFIX(x, b->input_norm, normed, B, D, b->eps, b->norm_offset);                             \
         lg_linear_##SUFFIX(normed, b->qkv, qkv, B, D, width);                                                    \
         add_bias_##SUFFIX(qkv, b->qkv_bias, B, width);                                                           \
-        lg_rope_write_##SUFFIX(qkv, cos, sin, q, cache_k, cache_v, B, h, g, hd, cache_batch_stride,              \
-                               cache_head_stride, slot, rotate);                                                 \
-        int status = lg_attention_##SUFFIX(q, cache_k + first * hd, cache_v + first * hd, attended, B, h, g,     \
-                                           count, hd, h * hd, hd, cache_batch_stride,                             \
-                                           cache_head_stride, b->scale, b->softcap);                              \
+        lg_rope_write_##SUFFIX##_impl(qkv, cos, sin, table_stride, q, cache_k, cache_v, B, h, g, hd,             \
+                                      cache_batch_stride, cache_head_stride, slots, slot, rotate);               \
+        int status = lg_attention_##SUFFIX##_impl(q, cache_k + first * hd, cache_v + first * hd, attended, B, h, \
+                                                  g, count, firsts, counts, hd, h * hd, hd, cache_batch_stride,  \
+                                                  cache_head_stride, b->scale, b->softcap);                       \
         lg_linear_##SUFFIX(attended, b->o, out, B, h * hd, D);                                                   \
         add_bias_##SUFFIX(out, b->o_bias, B, D);                                                                 \
         for (int64_t i = 0; i < B * D; i++) out[i] = ADD(x[i], out[i]); /* the residual */                       \
@@ -517,6 +555,20 @@ static inline uint16_t add_bf16(uint16_t a, uint16_t b) { return round_to_bf16_s
         for (int64_t i = 0; i < B * D; i++) out[i] = ADD(out[i], normed[i]);                                     \
         free(scratch);                                                                                           \
         return status;                                                                                           \
+    }                                                                                                            \
+    int NAME(const lg_block *b, const T *x, T *out, const T *cos, const T *sin, T *cache_k, T *cache_v,          \
+             int64_t cache_batch_stride, int64_t cache_head_stride, int64_t B, int64_t slot, int64_t first,      \
+             int64_t count, int rotate) {                                                                        \
+        return NAME##_impl(b, x, out, cos, sin, 0, cache_k, cache_v, cache_batch_stride, cache_head_stride, B,   \
+                           slot, first, count, NULL, NULL, NULL, rotate);                                        \
+    }                                                                                                            \
+    /* Rows at their own positions: row b writes slots[b], reads counts[b] slots from firsts[b], and rotates   \
+     * with its own tables (cos + b * table_stride). */                                                         \
+    int NAME##_rows(const lg_block *b, const T *x, T *out, const T *cos, const T *sin, int64_t table_stride,     \
+                    T *cache_k, T *cache_v, int64_t cache_batch_stride, int64_t cache_head_stride, int64_t B,    \
+                    const int64_t *slots, const int64_t *firsts, const int64_t *counts, int rotate) {            \
+        return NAME##_impl(b, x, out, cos, sin, table_stride, cache_k, cache_v, cache_batch_stride,              \
+                           cache_head_stride, B, 0, 0, 0, slots, firsts, counts, rotate);                         \
     }
 
 DECODER_BLOCK(lg_decoder_block_f32, float, f32, add_f32)

@@ -130,6 +130,18 @@ def load(path: Path) -> ctypes.CDLL:
     for function in lib.lg_rope_write_f32, lib.lg_rope_write_bf16:
         function.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 7 + [ctypes.c_int]
         function.restype = None
+    for function in lib.lg_attention_f32_rows, lib.lg_attention_bf16_rows:
+        function.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2 + \
+            [ctypes.c_int64] * 5 + [ctypes.c_float] * 2
+        function.restype = ctypes.c_int
+    for function in lib.lg_rope_write_f32_rows, lib.lg_rope_write_bf16_rows:
+        function.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_void_p] * 3 + \
+            [ctypes.c_int64] * 6 + [ctypes.c_void_p, ctypes.c_int]
+        function.restype = None
+    for function in lib.lg_decoder_block_f32_rows, lib.lg_decoder_block_bf16_rows:
+        function.argtypes = [ctypes.POINTER(BlockSpec)] + [ctypes.c_void_p] * 4 + [ctypes.c_int64] + \
+            [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 3 + [ctypes.c_int]
+        function.restype = ctypes.c_int
     for function in lib.lg_silu_mul_f32, lib.lg_silu_mul_bf16:
         function.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
         function.restype = None
@@ -178,6 +190,11 @@ def isa() -> str | None:
 def kernel(name: str, dtype: torch.dtype):
     """kernels.c's `lg_<name>_f32` or `lg_<name>_bf16` for tensors of this dtype."""
     return getattr(library(), f"lg_{name}_{'f32' if dtype == torch.float32 else 'bf16'}")
+
+
+def kernel_rows(name: str, dtype: torch.dtype):
+    """The variant for rows at their own positions: `lg_<name>_f32_rows` or `lg_<name>_bf16_rows`."""
+    return getattr(library(), f"lg_{name}_{'f32' if dtype == torch.float32 else 'bf16'}_rows")
 
 
 def supports(weight: torch.Tensor) -> bool:
@@ -255,6 +272,38 @@ def decode_attention(qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] 
                    softcap)
 
 
+def row_tables(rope: tuple[torch.Tensor, torch.Tensor] | None, unused: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per-row cos and signed sin (B, 1, 1, hd) as (B, hd) rows for the _rows kernels; without rope any tensor."""
+    if rope is None:
+        return unused, unused
+    return rope[0].reshape(rope[0].shape[0], -1).contiguous(), rope[1].reshape(rope[1].shape[0], -1).contiguous()
+
+
+def decode_attention_rows(qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, layer_cache,
+                          positions: torch.Tensor, num_heads: int, scale: float,
+                          softcap: float | None) -> torch.Tensor:
+    """decode_attention for rows at their own positions (B,): each row rotates with its own tables, writes its
+    own slot and reads its own slots (the layer cache says which) → (B, h, 1, hd)."""
+    B = qkv.shape[0]
+    keys, values = layer_cache.keys, layer_cache.values
+    _, g, _, hd = keys.shape
+    slots, firsts, counts = layer_cache.decode_rows(positions)
+    qkv = qkv.contiguous()
+    q = torch.empty(B, num_heads, 1, hd, dtype=qkv.dtype)
+    cos, sin = row_tables(rope, q)
+    batch_stride, head_stride = keys.stride(0), keys.stride(1)
+    kernel_rows("rope_write", qkv.dtype)(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), hd, q.data_ptr(),
+                                         keys.data_ptr(), values.data_ptr(), B, num_heads, g, hd, batch_stride,
+                                         head_stride, slots.data_ptr(), rope is not None)
+    out = torch.empty(B, num_heads, 1, hd, dtype=q.dtype)
+    status = kernel_rows("attention", q.dtype)(q.data_ptr(), keys.data_ptr(), values.data_ptr(), out.data_ptr(), B,
+                                               num_heads, g, firsts.data_ptr(), counts.data_ptr(), hd, q.stride(0),
+                                               q.stride(1), batch_stride, head_stride, scale, softcap or 0.0)
+    if status != 0:
+        raise MemoryError(f"native attention could not run (head_dim {hd})")
+    return out
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float) -> torch.Tensor:
     """RMSNorm over the last dim of x as transformers computes it (see kernels.c); weight in x's dtype."""
     x = x.contiguous()
@@ -292,6 +341,24 @@ def decoder_block(spec: BlockSpec, x: torch.Tensor, rope: tuple[torch.Tensor, to
     status = kernel("decoder_block", x.dtype)(spec, x.data_ptr(), out.data_ptr(), cos.data_ptr(), sin.data_ptr(),
                                               keys.data_ptr(), values.data_ptr(), keys.stride(0), keys.stride(1),
                                               x.shape[0], slot, first, count, rope is not None)
+    if status != 0:
+        raise MemoryError("the native decoder layer could not allocate its scratch memory")
+    return out
+
+
+def decoder_block_rows(spec: BlockSpec, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                       layer_cache, positions: torch.Tensor) -> torch.Tensor:
+    """decoder_block for rows at their own positions (B,)."""
+    keys, values = layer_cache.keys, layer_cache.values
+    slots, firsts, counts = layer_cache.decode_rows(positions)
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    cos, sin = row_tables(rope, x)
+    hd = keys.shape[-1]
+    status = kernel_rows("decoder_block", x.dtype)(spec, x.data_ptr(), out.data_ptr(), cos.data_ptr(),
+                                                   sin.data_ptr(), hd, keys.data_ptr(), values.data_ptr(),
+                                                   keys.stride(0), keys.stride(1), x.shape[0], slots.data_ptr(),
+                                                   firsts.data_ptr(), counts.data_ptr(), rope is not None)
     if status != 0:
         raise MemoryError("the native decoder layer could not allocate its scratch memory")
     return out

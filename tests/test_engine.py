@@ -95,3 +95,41 @@ def test_end_of_sequence_finishes_one_request_and_cancel_frees_a_row(model):
     assert finishes[stopping] == [None] * stop_at + ["stop"] and engine.free_rows == 1
     engine.cancel(other)
     assert engine.free_rows == 2 and engine.step() == []
+
+
+def test_rows_at_their_own_positions_take_the_native_kernels(model, monkeypatch):
+    """Where the native backend runs, a batch of rows at different positions decodes through its _rows kernels
+    (whole layers, or attention per op), not torch's per-row path."""
+    from localgpt import native
+
+    if model.backend.name != "native" or model.config.qk_norm:
+        pytest.skip("no native per-row attention for this model here")
+    calls = []
+    for name in ("decoder_block_rows", "decode_attention_rows"):
+        original = getattr(native, name)
+        monkeypatch.setattr(native, name, lambda *args, _original=original, _name=name:
+                            calls.append(_name) or _original(*args))
+    batch = prompts(3)
+    got = by_request(generate_batch(model, [Request(p, GREEDY, 6) for p in batch]))
+    assert [got[i] for i in range(3)] == [alone(model, p, max_tokens=6) for p in batch]
+    assert calls, "the per-row kernels never ran"
+
+
+def test_a_request_that_continues_a_finished_one_prefills_only_the_rest(model):
+    """The next turn of a conversation: its prompt starts with the tokens a finished request's row still holds,
+    so only the new tokens are prefilled, and its answer is the one it gets alone."""
+    first_prompt, other = prompts(2)
+    engine = Engine(model, rows=2)
+    engine.add(Request(first_prompt, GREEDY, 6))
+    engine.add(Request(other, GREEDY, 9))  # keeps running while the first finishes: rows trade places
+    answer = []
+    while engine.running:
+        answer += [e.token for e in engine.step() if e.request == 0]
+    follow_up = first_prompt + answer + [17, 18, 19]
+    engine.add(Request(follow_up, GREEDY, 8))
+    held = len(first_prompt) + len(answer) - 1  # the last answer token was chosen, never fed
+    assert engine.reused_tokens == held
+    tokens = []
+    while engine.running:
+        tokens += [e.token for e in engine.step()]
+    assert tokens == alone(model, follow_up, max_tokens=8)

@@ -68,6 +68,10 @@ class NativeAttention(Attention):
 
     def forward(self, x: torch.Tensor, rope, cache, start: int) -> torch.Tensor:
         B, T, _ = x.shape
+        if T == 1 and isinstance(start, torch.Tensor) and not self.qk_norm:  # rows at their own positions
+            out = native.decode_attention_rows(self.qkv_proj(x), rope, cache, start, self.num_heads, self.scale,
+                                               self.softcap)  # (B, h, 1, hd)
+            return self.o_proj(out.view(B, 1, self.num_heads * self.head_dim))
         if T == 1 and isinstance(start, int) and not self.qk_norm and not torch.compiler.is_compiling():
             h = self.num_heads
             out = native.decode_attention(self.qkv_proj(x), rope, cache, start, h, self.scale,
@@ -90,6 +94,8 @@ class NativeBlock(Block):
     spec: native.BlockSpec
 
     def forward(self, x, rope, cache, start: int) -> torch.Tensor:
+        if x.shape[1] == 1 and isinstance(start, torch.Tensor):
+            return native.decoder_block_rows(self.spec, x, rope, cache, start)
         if x.shape[1] == 1 and isinstance(start, int) and not torch.compiler.is_compiling():
             return native.decoder_block(self.spec, x, rope, cache, start)
         return super().forward(x, rope, cache, start)
