@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -40,6 +41,7 @@ class Request:
     eos_ids: frozenset[int] = frozenset()
     top_logprobs: int | None = None  # report log-probs: the chosen token's and this many most likely (None: none)
     logit_bias: dict[int, float] | None = None
+    constraint: Any = None  # a grammar the answer must follow (constrain.Constraint: apply, consume), or None
 
 
 @dataclass
@@ -198,12 +200,16 @@ class Engine:
             values, ids = torch.topk(logprobs, max(request.top_logprobs, 1))
             top = list(zip(ids.tolist(), values.tolist(), strict=True))[: request.top_logprobs]
         length = len(request.prompt_ids) + sequence.generated  # the prompt and the tokens chosen so far
+        if request.constraint is not None:  # first: the warpers then choose among the tokens the grammar allows
+            logits = request.constraint.apply(logits)
         needs_history = options.repetition_penalty != 1.0 or options.no_repeat_ngram_size > 0
         if needs_history or sequence.counts is not None or request.logit_bias or not options.greedy:
             logits = process_logits(logits, sequence.history[:, :length] if needs_history else
                                     sequence.history[:, :0], options, answer_counts=sequence.counts,
                                     logit_bias=request.logit_bias)
         token = int(sample(logits, options, sequence.generator))
+        if request.constraint is not None:
+            request.constraint.consume(token)
         if request.top_logprobs is not None:
             logprob = float(logprobs[token])
         sequence.generated += 1

@@ -360,8 +360,35 @@ def create_app(loaded, worker: Worker, model_id: str, api_key: str | None = None
                              code="context_length_exceeded")
         return min(settings.max_tokens, room)
 
+    grammars = []  # built on the first request that needs one (about half a second)
+
+    def constraint_for(response_format: ResponseFormat | None):
+        """A fresh constraint per choice for json_object / json_schema, else None."""
+        if response_format is None or response_format.type == "text":
+            return None
+        if response_format.type not in ("json_object", "json_schema"):
+            raise ServeError(400, f"response_format '{response_format.type}' is not one of text, json_object, "
+                                  "json_schema", param="response_format")
+        schema = None
+        if response_format.type == "json_schema":
+            spec = (response_format.model_extra or {}).get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+                raise ServeError(400, "response_format json_schema needs {'json_schema': {'name': …, 'schema': "
+                                      "{…}}}", param="response_format")
+            schema = spec.get("schema", {})
+        try:
+            import llguidance  # noqa: F401
+        except ImportError:
+            raise ServeError(400, "structured output needs llguidance: pip install 'localgpt-cli[serve]'",
+                             param="response_format") from None
+        if not grammars:
+            from localgpt.constrain import Grammars
+
+            grammars.append(Grammars(tokenizer, loaded.config.vocab_size))
+        return lambda: grammars[0].json(schema)
+
     def make_job(prompt_ids: list[int], settings: GenerationSettings, max_tokens: int, n: int, logprobs: int | None,
-                 logit_bias: dict[str, float] | None) -> Job:
+                 logit_bias: dict[str, float] | None, constraint=None) -> Job:
         if not 1 <= n <= MAX_CHOICES:
             raise ServeError(400, f"n must be between 1 and {MAX_CHOICES}, not {n}", param="n")
         bias = None
@@ -376,8 +403,9 @@ def create_app(loaded, worker: Worker, model_id: str, api_key: str | None = None
                                  param="logit_bias")
         beams = settings.beams()
         if beams is not None:
-            if logprobs is not None or bias:
-                raise ServeError(400, "logprobs and logit_bias work with one beam only", param="num_beams")
+            if logprobs is not None or bias or constraint is not None:
+                raise ServeError(400, "logprobs, logit_bias and response_format work with one beam only",
+                                 param="num_beams")
             from dataclasses import replace
 
             beams = replace(beams, num_return_sequences=n).validate() if n > 1 else beams
@@ -390,8 +418,12 @@ def create_app(loaded, worker: Worker, model_id: str, api_key: str | None = None
                 from dataclasses import replace
 
                 sampling = replace(sampling, seed=sampling.seed + index)
+            try:
+                grammar = constraint() if constraint is not None else None
+            except LocalGPTError as error:
+                raise ServeError(400, str(error), param="response_format") from None
             choices.append(Choice(index, Request(prompt_ids, sampling, max_tokens, tokenizer.eos_token_ids,
-                                                 logprobs, bias)))
+                                                 logprobs, bias, grammar)))
         if beams is not None:
             choices = [Choice(i, choices[0].request) for i in range(n)]
         return Job(choices, beams, asyncio.get_running_loop())
@@ -431,9 +463,6 @@ def create_app(loaded, worker: Worker, model_id: str, api_key: str | None = None
         return counts
 
     def chat_prompt(body: ChatRequest) -> list[int]:
-        if body.response_format is not None and body.response_format.type != "text":
-            raise ServeError(400, f"response_format '{body.response_format.type}' is not supported by localgpt yet "
-                                  "(only 'text')", param="response_format")
         if body.tools:
             raise ServeError(400, "tools are not supported by localgpt yet", param="tools")
         if tokenizer.chat_template is None:
@@ -471,7 +500,8 @@ def create_app(loaded, worker: Worker, model_id: str, api_key: str | None = None
         if body.top_logprobs is not None and not 0 <= body.top_logprobs <= 20:
             raise ServeError(400, "top_logprobs must be in [0, 20]", param="top_logprobs")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        job = make_job(prompt_ids, settings, max_tokens, body.n, logprobs, body.logit_bias)
+        job = make_job(prompt_ids, settings, max_tokens, body.n, logprobs, body.logit_bias,
+                       constraint_for(body.response_format))
         return await answer(request, body, job, settings.stop, len(prompt_ids), "chat.completion", logprobs)
 
     @app.post("/v1/completions")

@@ -79,6 +79,10 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def backend_json(self) -> str:
+        """tokenizer.json as the tokenizers library holds it (added tokens included): what llguidance reads."""
+        return self._tokenizer.to_str()
+
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 

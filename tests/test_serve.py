@@ -186,6 +186,23 @@ def test_beam_search_equals_localgpt_beams(server, folder):
     assert [c.message.content for c in both.choices] == texts
 
 
+def test_json_schema_answers_always_parse_and_match(server):
+    """Constrained decoding: even a random tiny model answers with JSON that parses and matches the schema."""
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "count": {"type": "integer", "minimum": 0,
+                                                                                  "maximum": 9}},
+              "required": ["ok", "count"], "additionalProperties": False}
+    answer = chat(server.client(), max_tokens=30, temperature=1.0, n=3, seed=1,
+                  response_format={"type": "json_schema", "json_schema": {"name": "check", "schema": schema}})
+    for choice in answer.choices:
+        value = json.loads(choice.message.content)
+        assert set(value) == {"ok", "count"} and isinstance(value["ok"], bool) and 0 <= value["count"] <= 9
+        assert choice.finish_reason == "stop"
+    streamed = chat(server.client(), max_tokens=30, temperature=0, stream=True,
+                    response_format={"type": "json_schema", "json_schema": {"name": "check", "schema": schema}})
+    assert set(json.loads("".join(c.choices[0].delta.content or "" for c in streamed if c.choices))) == {"ok",
+                                                                                                          "count"}
+
+
 def test_sixteen_concurrent_streams_each_get_their_own_answer(server, folder):
     prompts = [f"Story number {i}" for i in range(16)]
     expected = {p: cli_answer(folder, p, 10) for p in prompts[:3]}  # three checked against the CLI
@@ -219,8 +236,11 @@ def body(**fields) -> str:
     ("malformed JSON", '{"messages": [', 400, "the body is not valid JSON"),
     ("negative max_tokens", body(max_tokens=-1), 400, "max_tokens must be >= 1, not -1"),
     ("unknown field", body(frobnicate=True), 400, "unknown field 'frobnicate'"),
-    ("unsupported response_format", body(response_format={"type": "json_schema", "json_schema": {}}), 400,
-     "response_format 'json_schema' is not supported"),
+    ("unsupported response_format", body(response_format={"type": "grammar"}), 400,
+     "response_format 'grammar' is not one of text, json_object, json_schema"),
+    ("invalid JSON schema", body(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema":
+                                                                                       {"type": "nonsense"}}}),
+     400, "the JSON schema cannot be used: Invalid type: nonsense"),
     ("tools", body(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools are not supported"),
     ("wrong type", body(temperature="hot"), 400, "'temperature'"),
     ("over-context prompt", body(messages=[{"role": "user", "content": "word " * 400}]), 400,
@@ -347,5 +367,15 @@ def test_smollm2_answers_through_the_server_as_through_generate(tmp_path):
         answer = client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
                                                 max_tokens=20, temperature=0)
         assert answer.choices[0].message.content == expected
+        as_json = client.chat.completions.create(
+            model=model, max_tokens=40, temperature=0, response_format={"type": "json_object"},
+            messages=[{"role": "user", "content": question + " Answer in JSON with the key \"capital\"."}])
+        assert "Paris" in json.dumps(json.loads(as_json.choices[0].message.content))  # any JSON object
+        schema = {"type": "object", "properties": {"capital": {"type": "string"}}, "required": ["capital"],
+                  "additionalProperties": False}
+        shaped = client.chat.completions.create(
+            model=model, max_tokens=40, temperature=0, messages=[{"role": "user", "content": question}],
+            response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}})
+        assert json.loads(shaped.choices[0].message.content)["capital"] == "Paris"
     finally:
         assert real.stop() == 0
