@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import queue
+import re
 import signal
 import sys
 import threading
@@ -63,9 +64,23 @@ class TextPart(Strict):
 
 
 class Message(Strict):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool's answer to one of them
+
+
+class FunctionSpec(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class Tool(Strict):
+    type: Literal["function"]
+    function: FunctionSpec
 
 
 class StreamOptions(Strict):
@@ -108,8 +123,9 @@ class ChatRequest(GenerationFields):
     logprobs: bool = False
     top_logprobs: int | None = None
     response_format: ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
 
 class CompletionRequest(GenerationFields):
@@ -141,6 +157,8 @@ class Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
+    tool_names: list[str] | None = None  # tools the answer may call (chat with tools)
+    forced_call: bool = False  # the answer is constrained to be one call
 
     def put(self, item) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, item)
@@ -462,19 +480,48 @@ def create_app(loaded, worker: Worker, model_id: str, api_key: str | None = None
                 job.cancelled = True
         return counts
 
-    def chat_prompt(body: ChatRequest) -> list[int]:
-        if body.tools:
-            raise ServeError(400, "tools are not supported by localgpt yet", param="tools")
+    def tool_plan(body: ChatRequest):
+        """(the tools to render into the prompt, the constraint factory for a forced call, the tool names), or
+        (None, None, None) without tools. tool_choice "required" or a named function constrain the answer to a
+        call, {"name": …, "arguments": {…}} matching the tools' parameter schemas; "auto" lets the model choose
+        and reads calls in the <tool_call> form the templates that take tools teach; "none" renders no tools."""
+        if not body.tools or body.tool_choice == "none":
+            return None, None, None
+        if not tokenizer.takes_tools:
+            raise ServeError(400, f"the chat template of '{model_id}' does not take tools", param="tools")
+        tools = [tool.model_dump(exclude_none=True) for tool in body.tools]
+        names = [tool.function.name for tool in body.tools]
+        wanted = names
+        if isinstance(body.tool_choice, dict):
+            name = (body.tool_choice.get("function") or {}).get("name")
+            if body.tool_choice.get("type") != "function" or name not in names:
+                raise ServeError(400, "tool_choice names no function among the tools", param="tool_choice")
+            wanted = [name]
+        elif body.tool_choice in (None, "auto"):
+            return tools, None, names
+        schema = {"anyOf": [{"type": "object", "properties": {"name": {"const": tool.function.name},
+                                                             "arguments": tool.function.parameters or
+                                                             {"type": "object"}},
+                             "required": ["name", "arguments"], "additionalProperties": False}
+                            for tool in body.tools if tool.function.name in wanted]}
+        return tools, constraint_for(ResponseFormat(type="json_schema", json_schema={"name": "call",
+                                                                                    "schema": schema})), names
+
+    def chat_prompt(body: ChatRequest, tools: list[dict] | None) -> list[int]:
         if tokenizer.chat_template is None:
             raise ServeError(400, f"'{model_id}' has no chat template: use /v1/completions", param="messages")
         messages = []
         for message in body.messages:
             content = message.content if isinstance(message.content, str) or message.content is None else \
                 "".join(part.text for part in message.content)
-            messages.append({"role": "system" if message.role == "developer" else message.role,
-                             "content": content or ""})
+            entry = {"role": "system" if message.role == "developer" else message.role, "content": content or ""}
+            if message.tool_calls is not None:
+                entry["tool_calls"] = message.tool_calls
+            if message.tool_call_id is not None:
+                entry["tool_call_id"] = message.tool_call_id
+            messages.append(entry)
         try:
-            return tokenizer.encode_chat(messages)
+            return tokenizer.encode_chat(messages, tools=tools)
         except LocalGPTError as error:
             raise ServeError(400, str(error), param="messages") from None
 
@@ -495,13 +542,19 @@ def create_app(loaded, worker: Worker, model_id: str, api_key: str | None = None
         body = await read_body(request, ChatRequest)
         asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         settings = settings_of(body, asked)
-        prompt_ids = chat_prompt(body)
+        tools, forced_call, tool_names = tool_plan(body)
+        if forced_call is not None and body.response_format is not None and body.response_format.type != "text":
+            raise ServeError(400, "a forced tool call and response_format cannot both shape the answer",
+                             param="response_format")
+        prompt_ids = chat_prompt(body, tools)
         max_tokens = check_fits(prompt_ids, settings, asked)
         if body.top_logprobs is not None and not 0 <= body.top_logprobs <= 20:
             raise ServeError(400, "top_logprobs must be in [0, 20]", param="top_logprobs")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         job = make_job(prompt_ids, settings, max_tokens, body.n, logprobs, body.logit_bias,
-                       constraint_for(body.response_format))
+                       forced_call or constraint_for(body.response_format))
+        job.tool_names = tool_names
+        job.forced_call = forced_call is not None
         return await answer(request, body, job, settings.stop, len(prompt_ids), "chat.completion", logprobs)
 
     @app.post("/v1/completions")
@@ -540,7 +593,7 @@ def create_app(loaded, worker: Worker, model_id: str, api_key: str | None = None
                     "top_logprobs": [{token_text(t): p for t, p in event.top_logprobs[: logprobs or 0]}],
                     "text_offset": [0]}
 
-        if not body.stream:
+        if not body.stream or job.tool_names:  # with tools the answer is read whole: a call or a message
             texts = [""] * len(job.choices)
             finishes: list[str | None] = [None] * len(job.choices)
             token_logprobs: list[list] = [[] for _ in job.choices]
@@ -558,6 +611,11 @@ def create_app(loaded, worker: Worker, model_id: str, api_key: str | None = None
                 choice: dict[str, Any] = {"index": index, "finish_reason": finishes[index]}
                 if chat:
                     choice["message"] = {"role": "assistant", "content": text}
+                    if job.tool_names:
+                        calls, rest = tool_calls_in(text, job.tool_names, job.forced_call)
+                        if calls:
+                            choice["message"] = {"role": "assistant", "content": rest or None, "tool_calls": calls}
+                            choice["finish_reason"] = "tool_calls"
                     choice["logprobs"] = {"content": [chat_logprobs(e, logprobs)["content"][0]
                                                       for e in token_logprobs[index]]} if logprobs is not None \
                         else None
@@ -567,8 +625,13 @@ def create_app(loaded, worker: Worker, model_id: str, api_key: str | None = None
                                                                     for e in token_logprobs[index]]) \
                         if logprobs is not None else None
                 choices.append(choice)
-            return JSONResponse({"id": identifier, "object": kind, "created": created, "model": model_id,
-                                 "choices": choices, "usage": usage(counts)})
+            result = {"id": identifier, "object": kind, "created": created, "model": model_id, "choices": choices,
+                      "usage": usage(counts)}
+            if not body.stream:
+                return JSONResponse(result)
+            return StreamingResponse(whole_as_events(result, bool(body.stream_options and
+                                                                  body.stream_options.include_usage)),
+                                     media_type="text/event-stream")
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         chunk_kind = "chat.completion.chunk" if chat else "text_completion"
@@ -620,6 +683,46 @@ def create_app(loaded, worker: Worker, model_id: str, api_key: str | None = None
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     return app
+
+
+TOOL_CALL = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.DOTALL)
+
+
+def tool_calls_in(text: str, names: list[str], forced: bool) -> tuple[list[dict], str]:
+    """The calls an answer makes, as OpenAI's tool_calls, and the text around them. A forced call is the whole
+    answer ({"name", "arguments"}, shaped by the constraint); otherwise calls are read in the <tool_call>{…}
+    </tool_call> form the templates that take tools teach (Qwen, Hermes, SmolLM3). A call to an unknown tool, or
+    one that does not parse, stays text."""
+    found = [text] if forced else TOOL_CALL.findall(text)
+    calls = []
+    for raw in found:
+        try:
+            call = json.loads(raw)
+        except json.JSONDecodeError:
+            continue
+        arguments = call.get("arguments", call.get("parameters")) if isinstance(call, dict) else None
+        if not isinstance(call, dict) or call.get("name") not in names or not isinstance(arguments, dict):
+            continue
+        calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                      "function": {"name": call["name"], "arguments": json.dumps(arguments, ensure_ascii=False)}})
+    rest = "" if forced and calls else TOOL_CALL.sub("", text).strip() if calls else text
+    return calls, rest
+
+
+async def whole_as_events(result: dict, include_usage: bool):
+    """A whole chat answer as the stream of a chat.completion.chunk: role, the content or the calls, the finish."""
+    base = {key: result[key] for key in ("id", "created", "model")} | {"object": "chat.completion.chunk"}
+    for choice in result["choices"]:
+        message, index = choice["message"], choice["index"]
+        delta: dict[str, Any] = {"role": "assistant", "content": message.get("content")}
+        if message.get("tool_calls"):
+            delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]
+        for event_choice in ({"index": index, "delta": delta, "finish_reason": None},
+                             {"index": index, "delta": {}, "finish_reason": choice["finish_reason"]}):
+            yield f"data: {json.dumps({**base, 'choices': [event_choice]}, ensure_ascii=False)}\n\n"
+    if include_usage:
+        yield f"data: {json.dumps({**base, 'choices': [], 'usage': result['usage']})}\n\n"
+    yield "data: [DONE]\n\n"
 
 
 def merge_completion_logprobs(entries: list[dict | None]) -> dict:

@@ -89,11 +89,17 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._tokenizer.token_to_id(token)
 
-    def render_chat(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
+    def render_chat(self, messages: list[Message], add_generation_prompt: bool = True,
+                    tools: list[dict] | None = None) -> str:
         if self.chat_template is None:
             raise TokenizerError("this model has no chat template — use --raw to send the text as-is")
         return render_template(self.chat_template, messages, add_generation_prompt, self.special_tokens,
-                               self.chat_template_source)
+                               self.chat_template_source, tools)
+
+    @property
+    def takes_tools(self) -> bool:
+        """Whether the chat template renders a `tools` list (function definitions for tool calling)."""
+        return self.chat_template is not None and "tools" in self.chat_template
 
     def default_system_prompt(self) -> str | None:
         """The system prompt the chat template writes by itself when the conversation has none (SmolLM2's "You
@@ -113,9 +119,10 @@ class Tokenizer:
             return None  # no default: without a system prompt the template writes no system turn at all
         return alone[prefix : len(alone) - suffix] or None
 
-    def encode_chat(self, messages: list[Message], add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(self, messages: list[Message], add_generation_prompt: bool = True,
+                    tools: list[dict] | None = None) -> list[int]:
         # As transformers' apply_chat_template: the template writes any BOS itself, so no special tokens are added.
-        return self.encode(self.render_chat(messages, add_generation_prompt), add_special_tokens=False)
+        return self.encode(self.render_chat(messages, add_generation_prompt, tools), add_special_tokens=False)
 
 
 def _raise_exception(message: str):
@@ -147,12 +154,13 @@ def _environment():
 
 
 def render_template(template: str, messages: list[Message], add_generation_prompt: bool,
-                    special_tokens: dict[str, str], source: str = "the model's files") -> str:
+                    special_tokens: dict[str, str], source: str = "the model's files",
+                    tools: list[dict] | None = None) -> str:
     from jinja2.exceptions import SecurityError, TemplateError
 
     try:
         compiled = _environment().from_string(template)
-        return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=None,
+        return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=tools,
                                documents=None, **special_tokens)
     except SecurityError as exc:
         raise TokenizerError(f"the chat template in {source} tried an unsafe operation and was stopped: {exc}") \

@@ -241,7 +241,8 @@ def body(**fields) -> str:
     ("invalid JSON schema", body(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema":
                                                                                        {"type": "nonsense"}}}),
      400, "the JSON schema cannot be used: Invalid type: nonsense"),
-    ("tools", body(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools are not supported"),
+    ("tools, template without", body(tools=[{"type": "function", "function": {"name": "f"}}]), 400,
+     "the chat template of 'served' does not take tools"),
     ("wrong type", body(temperature="hot"), 400, "'temperature'"),
     ("over-context prompt", body(messages=[{"role": "user", "content": "word " * 400}]), 400,
      "tokens but the model's context is 256 tokens"),
@@ -379,3 +380,73 @@ def test_smollm2_answers_through_the_server_as_through_generate(tmp_path):
         assert json.loads(shaped.choices[0].message.content)["capital"] == "Paris"
     finally:
         assert real.stop() == 0
+
+
+TOOLS_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\nYou may call:{% for tool in tools %} {{ tool.function.name }}{% endfor %}"
+    "<|im_end|>\n{% endif %}"
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+WEATHER = {"type": "function", "function": {"name": "weather", "description": "The weather in a city",
+                                            "parameters": {"type": "object", "properties": {
+                                                "city": {"enum": ["Paris", "Rome"]}},
+                                                "required": ["city"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {"name": "time", "parameters": {"type": "object", "properties": {},
+                                                                        "additionalProperties": False}}}
+
+
+@pytest.fixture(scope="module")
+def tool_server(tmp_path_factory):
+    from helpers import write_tokenizer
+
+    folder = tmp_path_factory.mktemp("models") / "tooled"
+    folder.mkdir()
+    tiny_model(folder, "llama", tokenizer=True, eos_token_id=None)
+    write_tokenizer(folder, chat_template=TOOLS_TEMPLATE)
+    running = Server(folder, tmp_path_factory.mktemp("tools"))
+    yield running
+    assert running.stop() == 0
+
+
+def test_a_required_tool_call_is_a_valid_call(tool_server):
+    """tool_choice required: the answer is constrained to one call of a given tool with arguments that match its
+    schema, returned as OpenAI's tool_calls (even from a random tiny model)."""
+    client = tool_server.client()
+    for seed in range(3):
+        answer = client.chat.completions.create(model="tooled", messages=[{"role": "user", "content": "Weather?"}],
+                                                tools=[WEATHER, TIME], tool_choice="required", max_tokens=40,
+                                                temperature=1.0, seed=seed)
+        choice = answer.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        (call,) = choice.message.tool_calls
+        arguments = json.loads(call.function.arguments)
+        assert (call.function.name, arguments in ({"city": "Paris"}, {"city": "Rome"})) == ("weather", True) or \
+            (call.function.name, arguments) == ("time", {})
+    named = client.chat.completions.create(model="tooled", messages=[{"role": "user", "content": "Time?"}],
+                                           tools=[WEATHER, TIME], max_tokens=40,
+                                           tool_choice={"type": "function", "function": {"name": "time"}})
+    assert named.choices[0].message.tool_calls[0].function.name == "time"
+    chunks = list(client.chat.completions.create(model="tooled", messages=[{"role": "user", "content": "Rome?"}],
+                                                 tools=[WEATHER], tool_choice="required", max_tokens=40,
+                                                 stream=True))
+    calls = [call for chunk in chunks if chunk.choices for call in chunk.choices[0].delta.tool_calls or []]
+    assert [c.function.name for c in calls] == ["weather"] and chunks[-1].choices[0].finish_reason == "tool_calls"
+    history = [{"role": "user", "content": "Weather?"},
+               {"role": "assistant", "content": "", "tool_calls": [{"id": "call_1", "type": "function", "function":
+                                                                    {"name": "weather",
+                                                                     "arguments": '{"city": "Rome"}'}}]},
+               {"role": "tool", "content": "sunny", "tool_call_id": "call_1"}]
+    follow = client.chat.completions.create(model="tooled", messages=history, tools=[WEATHER], tool_choice="none",
+                                            max_tokens=5, temperature=0)
+    assert follow.choices[0].message.tool_calls is None and follow.choices[0].finish_reason == "length"
+
+
+def test_auto_tool_calls_are_read_from_the_tool_call_form():
+    from localgpt.serve import tool_calls_in
+
+    text = 'Let me look. <tool_call>{"name": "weather", "arguments": {"city": "Rome"}}</tool_call>'
+    calls, rest = tool_calls_in(text, ["weather"], forced=False)
+    assert rest == "Let me look." and calls[0]["function"] == {"name": "weather", "arguments": '{"city": "Rome"}'}
+    assert tool_calls_in('<tool_call>{"name": "other", "arguments": {}}</tool_call>', ["weather"], False)[0] == []
+    assert tool_calls_in("just text", ["weather"], False) == ([], "just text")
