@@ -53,11 +53,14 @@ class Server:
         return self.process.wait(timeout=30)
 
 
+REFERENCES = {}  # folder → the transformers model tiny_model saved there (the oracle for beams)
+
+
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("models") / "served"  # the model's id on the server: its folder's name
     path.mkdir()
-    tiny_model(path, "llama", tokenizer=True, eos_token_id=None)
+    REFERENCES[path] = tiny_model(path, "llama", tokenizer=True, eos_token_id=None)
     return path
 
 
@@ -167,16 +170,16 @@ def test_stop_strings_and_sampling_extensions(server, expected):
     assert penalized.choices[0].message.content != expected  # the penalty changes the greedy answer
 
 
-def test_beam_search_equals_localgpt_beams(server, folder):
-    from localgpt.beam import BeamOptions, beam_search
-    from localgpt.settings import SamplingOptions
-    from localgpt.weights import load_model
+def test_beam_search_equals_transformers_beams(server, folder):
+    from localgpt.tokenizer import Tokenizer
 
-    loaded = load_model(folder, "float32", "cpu")
-    ids = loaded.tokenizer.encode_chat([{"role": "user", "content": PROMPT}])
-    beams = BeamOptions(3, early_stopping="never", num_return_sequences=2)
-    hypotheses = beam_search(loaded.model, ids, SamplingOptions(temperature=0), beams, 10)
-    texts = [loaded.tokenizer.decode(h.tokens) for h in hypotheses]
+    tokenizer = Tokenizer(folder)
+    ids = tokenizer.encode_chat([{"role": "user", "content": PROMPT}])
+    prompt = torch.tensor([ids])
+    beams = REFERENCES[folder].generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=10,
+                                        do_sample=False, num_beams=3, early_stopping="never", num_return_sequences=2,
+                                        pad_token_id=0)
+    texts = [tokenizer.decode(row[len(ids):].tolist()) for row in beams]
     extra = {"num_beams": 3, "early_stopping": "never"}
     best = chat(server.client(), max_tokens=10, extra_body=extra)
     assert best.choices[0].message.content == texts[0]
@@ -260,7 +263,7 @@ def test_bad_requests_get_openai_errors_and_the_server_stays_up(server, expected
 
 
 def test_a_body_over_the_limit_is_refused_unread(server, expected):
-    response = post(server, body(padding="x" * (5 * 1024 * 1024)))
+    response = post(server, body(padding="x" * (10 * 1024 * 1024)))  # 10 MB
     assert response.status_code == 413 and "bytes" in response.json()["error"]["message"]
     assert_still_serving(server, expected)
 
@@ -304,6 +307,13 @@ def test_a_hundred_requests_while_one_is_decoding(server, expected):
         thread.join(timeout=300)
     assert answers == [expected] * 100
     assert len(long_answer) == 1 and long_answer[0].startswith(expected)
+
+
+def test_ctrl_c_stops_the_server_cleanly(folder, tmp_path):
+    running = Server(folder, tmp_path)
+    running.process.send_signal(signal.SIGINT)
+    assert running.process.wait(timeout=30) == 0
+    assert running.stderr().rstrip().endswith("localgpt: stopped") and "Traceback" not in running.stderr()
 
 
 def test_api_key_and_sigterm(folder, tmp_path, expected):
