@@ -266,6 +266,48 @@ def gemma_config(cfg: ConfigReader, generation: dict[str, Any], *, gemma2: bool)
     )
 
 
+def _local_rope(cfg: ConfigReader) -> RopeConfig:
+    """Gemma 3's second rotary table, for its sliding layers: 5.x nests it in rope_parameters under
+    "sliding_attention"; 4.x hub checkpoints give only its base, rope_local_base_freq."""
+    nested = cfg.raw.get("rope_parameters")
+    if isinstance(nested, dict) and isinstance(nested.get("sliding_attention"), dict):
+        local = nested["sliding_attention"]
+        if (local.get("rope_type") or "default") != "default":
+            raise ModelError(f"{cfg.source}: a scaled rotary table for sliding layers is not supported")
+        return RopeConfig(theta=float(local.get("rope_theta", 10000.0)))
+    return RopeConfig(theta=cfg.float("rope_local_base_freq", 10000.0))
+
+
+def gemma3_config(cfg: ConfigReader, generation: dict[str, Any]) -> ModelConfig:
+    """Gemma 3 text: Gemma 2's sandwich norms and scaled queries, q/k norms with Gemma's (1 + w), and sliding
+    layers (all but every sliding_window_pattern-th, unless layer_types lists them) with their own rotary base."""
+    if isinstance(cfg.raw.get("text_config"), dict):  # a gemma3 (image-text) checkpoint: its text model
+        # (model_type stays gemma3: its key map is the one that finds the text model's tensors)
+        cfg = ConfigReader({**cfg.raw["text_config"], "model_type": cfg.raw["model_type"]}, cfg.source)
+    fields = _common(cfg, generation, head_dim_default=256)
+    activation = cfg.raw.get("hidden_activation") or cfg.str("hidden_act", "gelu_pytorch_tanh")
+    window = _window(cfg) or 4096
+    pattern = cfg.int("sliding_window_pattern", 6)
+    sliding = _layer_types(cfg, fields["num_layers"], lambda i: (i + 1) % pattern != 0)
+    bias = cfg.bool("attention_bias", False)
+    return ModelConfig(
+        **fields,
+        activation=_activation(activation, cfg.source),
+        norm_weight_offset=1.0,
+        embed_scale=True,
+        qkv_bias=bias,
+        o_bias=bias,
+        qk_norm=True,
+        sandwich_norm=True,
+        attn_scale=cfg.float("query_pre_attn_scalar", 256) ** -0.5,
+        attn_softcap=cfg.float("attn_logit_softcapping", None),
+        final_softcap=cfg.float("final_logit_softcapping", None),
+        layers=tuple(LayerSpec(window=window, rope="local") if slides else LayerSpec() for slides in sliding),
+        local_rope=_local_rope(cfg),
+        tie_word_embeddings=cfg.bool("tie_word_embeddings", True),
+    )
+
+
 def gpt2_config(cfg: ConfigReader, generation: dict[str, Any]) -> ModelConfig:
     for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
         if cfg.bool(flag, False):
@@ -302,6 +344,18 @@ def gpt2_config(cfg: ConfigReader, generation: dict[str, Any]) -> ModelConfig:
 # --- checkpoint key maps ---------------------------------------------------------------------------------------
 
 _LLAMA_LAYER = re.compile(r"^(?:model\.)?layers\.(\d+)\.(.+)\.(weight|bias)$")
+# gemma3 (image-text) checkpoints keep the text model under language_model: 4.x "language_model.model.",
+# 5.x "model.language_model."; the vision tower and projector are not read.
+_GEMMA3_TEXT = re.compile(r"^(?:language_model\.model\.|model\.language_model\.)")
+
+
+def gemma3_target(config: ModelConfig, key: str) -> Target | None:
+    if key.startswith(("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+                       "model.multi_modal_projector.")):
+        return None
+    if key in ("language_model.lm_head.weight",):
+        key = "lm_head.weight"
+    return llama_target(config, _GEMMA3_TEXT.sub("model.", key))
 _GPT2_LAYER = re.compile(r"^(?:transformer\.)?h\.(\d+)\.(.+)\.(weight|bias)$")
 
 
@@ -393,6 +447,8 @@ FAMILIES: dict[str, Family] = {
     "qwen3": Family(lambda c, g: qwen_config(c, g, qwen3=True), llama_target),
     "gemma": Family(lambda c, g: gemma_config(c, g, gemma2=False), llama_target),
     "gemma2": Family(lambda c, g: gemma_config(c, g, gemma2=True), llama_target),
+    "gemma3_text": Family(gemma3_config, llama_target),
+    "gemma3": Family(gemma3_config, gemma3_target),
 }
 
 

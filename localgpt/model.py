@@ -1,4 +1,4 @@
-"""The Transformer: one compact decoder for GPT-2 and the Llama family (Llama, Mistral, Qwen2/3, Gemma 1/2).
+"""The Transformer: one compact decoder for GPT-2 and the Llama family (Llama, Mistral, Qwen2/3, Gemma 1/2/3).
 
 Architecture differences are switches on ModelConfig. Parameter layout: q/k/v fused into `attn.qkv_proj`, gate and
 up into `mlp.gate_up_proj` (one matmul each while decoding); the loader fills them from the separate checkpoint
@@ -78,8 +78,9 @@ class Attention(nn.Module):
         self.qkv_proj = Linear(config.hidden_size, q_size + 2 * kv_size, bias=config.qkv_bias)
         self.o_proj = Linear(q_size, config.hidden_size, bias=config.o_bias)
         if config.qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, config.norm_eps)
-            self.k_norm = RMSNorm(self.head_dim, config.norm_eps)
+            # (Gemma 3 scales these by (1 + w) like its other norms; Qwen3 by w)
+            self.q_norm = RMSNorm(self.head_dim, config.norm_eps, config.norm_weight_offset)
+            self.k_norm = RMSNorm(self.head_dim, config.norm_eps, config.norm_weight_offset)
         self.qk_norm = config.qk_norm
         self.scale = config.scale
         self.softcap = config.attn_softcap

@@ -101,6 +101,12 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "qwen3": ("qwen3", dict(head_dim=16)),
     "gemma": ("gemma", dict(head_dim=16)),
     "gemma2": ("gemma2", dict(head_dim=16, sliding_window=4, query_pre_attn_scalar=16)),
+    # Gemma 3: sliding and full layers alternate, each with its own rotary table (the full one scaled)
+    "gemma3": ("gemma3_text", dict(head_dim=16, sliding_window=4, query_pre_attn_scalar=16,
+                                   layer_types=["sliding_attention", "full_attention"],
+                                   rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                                                    "full_attention": {"rope_type": "linear", "factor": 2.0,
+                                                                       "rope_theta": 10000.0}})),
 }
 
 

@@ -15,7 +15,7 @@ pytest.importorskip("transformers")
 WINDOW = 4  # the helpers' sliding variants
 
 
-@pytest.fixture(scope="module", params=["mistral-window", "qwen2-window", "gemma2"])
+@pytest.fixture(scope="module", params=["mistral-window", "qwen2-window", "gemma2", "gemma3"])
 def pair(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(request.param)
     reference = tiny_model(folder, request.param)
