@@ -308,6 +308,32 @@ def gemma3_config(cfg: ConfigReader, generation: dict[str, Any]) -> ModelConfig:
     )
 
 
+def smollm3_config(cfg: ConfigReader, generation: dict[str, Any]) -> ModelConfig:
+    """SmolLM3: Llama with no-rope layers (no_rope_layers[i] == 0: layer i attends without rotation; by default
+    every no_rope_layer_interval-th), and with use_sliding_window a window on those layers."""
+    fields = _common(cfg, generation, head_dim_default=None)
+    count = fields["num_layers"]
+    uses_rope = cfg.raw.get("no_rope_layers")
+    if uses_rope is None:
+        interval = cfg.int("no_rope_layer_interval", 4)
+        uses_rope = [int((i + 1) % interval != 0) for i in range(count)]
+    if not isinstance(uses_rope, list) or len(uses_rope) != count or any(v not in (0, 1) for v in uses_rope):
+        raise ModelError(f"{cfg.source}: 'no_rope_layers' must list 0 or 1 for each of the {count} layers")
+    window = _window(cfg) if cfg.bool("use_sliding_window", False) else None
+    sliding = _layer_types(cfg, count, lambda i: window is not None and not uses_rope[i])
+    bias = cfg.bool("attention_bias", False)
+    return ModelConfig(
+        **fields,
+        activation=_activation(cfg.str("hidden_act", "silu"), cfg.source),
+        qkv_bias=bias,
+        o_bias=bias,
+        mlp_bias=cfg.bool("mlp_bias", False),
+        layers=tuple(LayerSpec(window=window if slides else None, rope="global" if rope else None)
+                     for slides, rope in zip(sliding, uses_rope, strict=True)),
+        tie_word_embeddings=cfg.bool("tie_word_embeddings", True),
+    )
+
+
 def gpt2_config(cfg: ConfigReader, generation: dict[str, Any]) -> ModelConfig:
     for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
         if cfg.bool(flag, False):
@@ -448,6 +474,7 @@ FAMILIES: dict[str, Family] = {
     "gemma": Family(lambda c, g: gemma_config(c, g, gemma2=False), llama_target),
     "gemma2": Family(lambda c, g: gemma_config(c, g, gemma2=True), llama_target),
     "gemma3_text": Family(gemma3_config, llama_target),
+    "smollm3": Family(smollm3_config, llama_target),
     "gemma3": Family(gemma3_config, gemma3_target),
 }
 

@@ -101,6 +101,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "qwen3": ("qwen3", dict(head_dim=16)),
     "gemma": ("gemma", dict(head_dim=16)),
     "gemma2": ("gemma2", dict(head_dim=16, sliding_window=4, query_pre_attn_scalar=16)),
+    "smollm3": ("smollm3", dict(no_rope_layer_interval=2)),  # layer 1 attends without rotation
     # Gemma 3: sliding and full layers alternate, each with its own rotary table (the full one scaled)
     "gemma3": ("gemma3_text", dict(head_dim=16, sliding_window=4, query_pre_attn_scalar=16,
                                    layer_types=["sliding_attention", "full_attention"],

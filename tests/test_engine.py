@@ -16,7 +16,8 @@ from localgpt.weights import load_weights
 GREEDY = SamplingOptions(temperature=0)
 
 
-@pytest.fixture(scope="module", params=["llama", "gpt2", "mistral-window", "gemma2", "qwen3", "gemma3"])
+@pytest.fixture(scope="module",
+                params=["llama", "gpt2", "mistral-window", "gemma2", "qwen3", "gemma3", "smollm3"])
 def model(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(request.param)
     tiny_model(folder, request.param, eos_token_id=None)

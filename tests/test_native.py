@@ -231,7 +231,7 @@ def load(folder, dtype, backend="native"):
 
 
 @needs_native
-@pytest.mark.parametrize("variant", ["llama", "gpt2", "gemma2", "qwen3", "qwen2"])
+@pytest.mark.parametrize("variant", ["llama", "gpt2", "gemma2", "qwen3", "qwen2", "smollm3", "gemma3"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @torch.no_grad()
 def test_decoding_steps_match_torch_paths(tmp_path, variant, dtype):
@@ -344,7 +344,8 @@ def test_an_unwritable_home_still_gets_kernels(tmp_path):
 
 
 @needs_native
-@pytest.mark.parametrize("variant", ["llama", "llama-bias", "mistral-window", "qwen2", "llama-untied-mha"])
+@pytest.mark.parametrize("variant", ["llama", "llama-bias", "mistral-window", "qwen2", "llama-untied-mha",
+                                     "smollm3"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @torch.no_grad()
 def test_whole_layer_kernel_gives_the_per_op_bits(tmp_path, variant, dtype):
