@@ -424,7 +424,7 @@ def quantize(
     ),
     skip: str | None = typer.Option(
         None, "--skip", help="Comma-separated module names kept unquantized. Default: lm_head for 8-bit; "
-        "lm_head,q_proj,k_proj,v_proj for 4-bit (half the quality loss for ~20% more size).",
+        "lm_head,q_proj,k_proj,v_proj,qkv_proj for 4-bit (half the quality loss for ~20% more size).",
     ),
     int8_threshold: float | None = typer.Option(
         None, "--int8-threshold",

@@ -32,6 +32,17 @@ class RopeConfig:
     mscale: float | None = None  # yarn
     mscale_all_dim: float | None = None  # yarn
     truncate: bool = True  # yarn
+    short_factor: tuple[float, ...] = ()  # longrope: per-frequency divisors up to the original length
+    long_factor: tuple[float, ...] = ()  # longrope: the ones past it
+
+    def switches_past(self, max_positions: int) -> int | None:
+        """The sequence length past which this rope's tables depend on the length (dynamic NTK grows its base,
+        longrope takes its long factors), or None for fixed tables."""
+        if self.rope_type == "dynamic":
+            return max_positions
+        if self.rope_type == "longrope":
+            return self.original_max_position_embeddings
+        return None
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from typing import Any
 from localgpt.config import LayerSpec, ModelConfig, RopeConfig, read_json, token_id_list
 from localgpt.errors import ModelError
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 
 
 @dataclass(frozen=True)
@@ -110,11 +110,16 @@ def _rope(cfg: ConfigReader, head_dim: int, max_positions: int) -> RopeConfig:
         raise ModelError(f"{cfg.source}: partial_rotary_factor {partial} is not supported")
     theta = params.get("rope_theta", raw.get("rope_theta", 10000.0))
     original = raw.get("original_max_position_embeddings") or params.get("original_max_position_embeddings")
-    if rope_type in ("llama3", "yarn") and not original:
+    if rope_type in ("llama3", "yarn", "longrope") and not original:
         original = max_positions
     factor = params.get("factor")
     if factor is None:
-        factor = max_positions / original if rope_type == "yarn" else 1.0
+        factor = max_positions / original if rope_type in ("yarn", "longrope") else 1.0
+    short, long = params.get("short_factor") or (), params.get("long_factor") or ()
+    if rope_type == "longrope" and not (isinstance(short, list) and isinstance(long, list)
+                                        and len(short) == len(long) == head_dim // 2):
+        raise ModelError(f"{cfg.source}: longrope needs short_factor and long_factor lists of {head_dim // 2} "
+                         "numbers (half the head dimension)")
     try:
         return RopeConfig(
             theta=float(theta),
@@ -129,6 +134,8 @@ def _rope(cfg: ConfigReader, head_dim: int, max_positions: int) -> RopeConfig:
             mscale=params.get("mscale"),
             mscale_all_dim=params.get("mscale_all_dim"),
             truncate=bool(params.get("truncate", True)),
+            short_factor=tuple(float(v) for v in short),
+            long_factor=tuple(float(v) for v in long),
         )
     except (TypeError, ValueError):
         raise ModelError(f"{cfg.source}: rope parameters are malformed: {params!r}") from None
@@ -308,6 +315,22 @@ def gemma3_config(cfg: ConfigReader, generation: dict[str, Any]) -> ModelConfig:
     )
 
 
+def phi3_config(cfg: ConfigReader, generation: dict[str, Any]) -> ModelConfig:
+    """Phi-3 / 3.5 / 4-mini: Llama with q/k/v and gate/up fused in the checkpoint (our own layout), longrope for
+    the long-context variants, and a sliding window on every layer when sliding_window is set."""
+    fields = _common(cfg, generation, head_dim_default=None)
+    window = _window(cfg)
+    bias = cfg.bool("attention_bias", False)
+    return ModelConfig(
+        **fields,
+        activation=_activation(cfg.str("hidden_act", "silu"), cfg.source),
+        qkv_bias=bias,
+        o_bias=bias,
+        layers=_sliding_layers(cfg, fields["num_layers"], window, lambda i: True),
+        tie_word_embeddings=cfg.bool("tie_word_embeddings", False),
+    )
+
+
 def smollm3_config(cfg: ConfigReader, generation: dict[str, Any]) -> ModelConfig:
     """SmolLM3: Llama with no-rope layers (no_rope_layers[i] == 0: layer i attends without rotation; by default
     every no_rope_layer_interval-th), and with use_sliding_window a window on those layers."""
@@ -413,6 +436,8 @@ def llama_target(config: ModelConfig, key: str) -> Target | None:
         name, offset, rows = fused[module]
         return Target(f"{prefix}{name}.{kind}", row_offset=offset, rows=rows)
     plain = {
+        "self_attn.qkv_proj": "attn.qkv_proj",  # Phi-3 stores them fused, as we hold them
+        "mlp.gate_up_proj": "mlp.gate_up_proj",
         "self_attn.o_proj": "attn.o_proj",
         "self_attn.q_norm": "attn.q_norm",
         "self_attn.k_norm": "attn.k_norm",
@@ -475,6 +500,7 @@ FAMILIES: dict[str, Family] = {
     "gemma2": Family(lambda c, g: gemma_config(c, g, gemma2=True), llama_target),
     "gemma3_text": Family(gemma3_config, llama_target),
     "smollm3": Family(smollm3_config, llama_target),
+    "phi3": Family(phi3_config, llama_target),
     "gemma3": Family(gemma3_config, gemma3_target),
 }
 

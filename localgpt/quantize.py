@@ -33,7 +33,7 @@ BLOCKSIZE = 64  # bitsandbytes' 4-bit block on CPU and CUDA; transformers writes
 # answered the France question in French). Keeping the attention q/k/v projections (one fused layer, 15% of the
 # linear weights) in the compute dtype halves nf4's loss (+13%) for 25 MB more — the trade llama.cpp's Q4_K_M
 # makes by keeping attn_v at higher precision.
-DEFAULT_SKIP = {8: ("lm_head",), 4: ("lm_head", "q_proj", "k_proj", "v_proj")}
+DEFAULT_SKIP = {8: ("lm_head",), 4: ("lm_head", "q_proj", "k_proj", "v_proj", "qkv_proj")}  # qkv_proj: Phi-3's
 DEFAULT_INT8_THRESHOLD = 1.5
 INSTALL_HINT = "pip install 'localgpt-cli[quant]'"
 # Checkpoint tensor names that carry a quantized weight's statistics, by the suffix after the weight's module.

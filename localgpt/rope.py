@@ -37,6 +37,8 @@ def inverse_frequencies(
         return _llama3(rope, dim), 1.0
     if rope.rope_type == "yarn":
         return _yarn(rope, dim)
+    if rope.rope_type == "longrope":
+        return _longrope(rope, dim, seq_len)
     raise ValueError(f"unknown rope type {rope.rope_type!r}")
 
 
@@ -87,6 +89,17 @@ def _yarn(rope: RopeConfig, dim: int) -> tuple[torch.Tensor, float]:
     return inv_freq, attention_factor
 
 
+def _longrope(rope: RopeConfig, dim: int, seq_len: int | None) -> tuple[torch.Tensor, float]:
+    """Phi-3's LongRoPE: the base frequencies divided by per-frequency factors, the long ones once the sequence
+    passes the original training length; cos and sin scaled by sqrt(1 + ln(factor) / ln(original length))."""
+    original = rope.original_max_position_embeddings
+    factors = rope.long_factor if seq_len and seq_len > original else rope.short_factor
+    scaling = rope.attention_factor
+    if scaling is None:
+        scaling = 1.0 if rope.factor <= 1.0 else math.sqrt(1 + math.log(rope.factor) / math.log(original))
+    return _base_inv_freq(rope.theta, dim) / torch.tensor(factors, dtype=torch.float32), scaling
+
+
 def cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, scaling: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Tables for the given positions: cos, sin of shape (T, head_dim), float32."""
     freqs = positions.float()[:, None] * inv_freq.to(positions.device)[None, :]  # (T, hd/2)
@@ -97,8 +110,9 @@ def cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, scaling: float = 1.
 class RotaryTables:
     """One rotary table of a model: cos and signed sin (see model.apply_rope) for positions, in the model's dtype,
     shaped (T, 1, hd) to broadcast over heads. Built on demand and grown by doubling; the pair is replaced as one
-    tuple, so a reader never sees a cos of one size with a sin of another. Dynamic NTK's base depends on the
-    sequence length, so past max_positions its tables are computed for each call instead."""
+    tuple, so a reader never sees a cos of one size with a sin of another. Past a length, dynamic NTK's base and
+    longrope's factors depend on the sequence length (RopeConfig.switches_past): there the tables are computed for
+    each call instead, for the length that call reaches (as transformers does)."""
 
     def __init__(self, rope: RopeConfig, head_dim: int, max_positions: int):
         self.rope, self.head_dim, self.max_positions = rope, head_dim, max_positions
@@ -107,7 +121,8 @@ class RotaryTables:
     def __call__(self, start: int, length: int, dtype: torch.dtype,
                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         end = start + length
-        if self.rope.rope_type == "dynamic" and end > self.max_positions:
+        switch = self.rope.switches_past(self.max_positions)
+        if switch is not None and end > switch:  # tables for this length only
             inv_freq, scaling = inverse_frequencies(self.rope, self.head_dim, self.max_positions, seq_len=end)
             return self.layout(*cos_sin(inv_freq, torch.arange(start, end, device=device), scaling), dtype)
         tables = self.tables
@@ -122,7 +137,8 @@ class RotaryTables:
         """Tables for one position per row, positions (B,) → cos and signed sin (B, 1, 1, hd). Dynamic NTK past
         the trained length takes its base from the longest row, as transformers does for a batch."""
         end = int(positions.max()) + 1
-        if self.rope.rope_type == "dynamic" and end > self.max_positions:
+        switch = self.rope.switches_past(self.max_positions)
+        if switch is not None and end > switch:
             inv_freq, scaling = inverse_frequencies(self.rope, self.head_dim, self.max_positions, seq_len=end)
             cos, sin = self.layout(*cos_sin(inv_freq, positions.to(device), scaling), dtype)
             return cos[:, None], sin[:, None]

@@ -101,6 +101,11 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "qwen3": ("qwen3", dict(head_dim=16)),
     "gemma": ("gemma", dict(head_dim=16)),
     "gemma2": ("gemma2", dict(head_dim=16, sliding_window=4, query_pre_attn_scalar=16)),
+    # Phi-3: fused projections in the checkpoint; longrope switches to its long factors past 8 positions
+    "phi3": ("phi3", dict(original_max_position_embeddings=8,
+                          rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                           "short_factor": [1.0 + 0.1 * i for i in range(8)],
+                                           "long_factor": [2.0 + 0.5 * i for i in range(8)]})),
     "smollm3": ("smollm3", dict(no_rope_layer_interval=2)),  # layer 1 attends without rotation
     # Gemma 3: sliding and full layers alternate, each with its own rotary table (the full one scaled)
     "gemma3": ("gemma3_text", dict(head_dim=16, sliding_window=4, query_pre_attn_scalar=16,

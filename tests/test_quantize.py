@@ -60,7 +60,7 @@ def ours(folder: Path, flag: str | None = None, **kwargs):
     return load_weights(folder, load_config(folder), torch.float32, CPU, quantize=spec)
 
 
-@pytest.mark.parametrize("variant", ["llama", "llama-untied-mha", "qwen2", "gemma"])
+@pytest.mark.parametrize("variant", ["llama", "llama-untied-mha", "qwen2", "gemma", "phi3"])  # phi3: fused in the file
 @pytest.mark.parametrize("name", list(FORMATS))
 def test_quantize_on_load_equals_transformers(tmp_path, variant, name):
     flag, bnb_args = FORMATS[name]
