@@ -397,7 +397,7 @@ def convert(
     from pathlib import Path
 
     from localgpt.atomic import refuse_existing
-    from localgpt.gguf import check_gguf_counts
+    from localgpt.gguf import check_gguf_counts, gguf_stem
     from localgpt.gguf import convert as convert_gguf
     from localgpt.paths import writable_models_dir
 
@@ -481,15 +481,6 @@ def model_name(folder) -> str:
     if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
         return parts[-3].split("--")[-1]
     return folder.name
-
-
-def gguf_stem(filename: str) -> str:
-    """SmolLM2-135M-Instruct.Q4_1.gguf → SmolLM2-135M-Instruct (the quantization suffix says nothing once
-    dequantized)."""
-    import re
-
-    stem = filename.removesuffix(".gguf")
-    return re.sub(r"[.-](?:[QqIi][A-Za-z0-9_]+|[Ff](?:16|32)|[Bb][Ff]16)$", "", stem) or stem
 
 
 @command

