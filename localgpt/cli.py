@@ -376,11 +376,16 @@ def serve(
 def download(
     repo_id: str = typer.Argument(..., metavar="ORG/NAME", help="Hub repo id, ORG/NAME."),
     revision: str | None = typer.Option(None, "--revision", help="Branch, tag or commit."),
+    dtype: str = typer.Option("auto", "--dtype", help="The dtype the memory estimate assumes: auto (float32) | "
+                                                      "bfloat16 | float16 | float32"),
+    force: bool = typer.Option(False, "--force", help="Download even when the model will not fit in memory."),
 ):
-    """Download a model from the Hugging Face hub (safetensors only) into the HF cache."""
+    """Download a model from the Hugging Face hub (safetensors only) into the HF cache. Says first how much it
+    fetches and the memory it will need, and refuses when that is more than this machine has (--force)."""
     from localgpt.hub import download as download_repo
 
-    folder = download_repo(repo_id, revision)
+    check_load_flags(dtype, None)
+    folder = download_repo(repo_id, revision, dtype=dtype, force=force)
     print(folder)
 
 
@@ -615,13 +620,26 @@ def show(model: str | None = typer.Argument(
         folder = resolve(model, download_missing=False)
     entry = describe(folder, model)
     d = entry.details
+    from localgpt.config import read_json
+    from localgpt.families import family_for
+    from localgpt.fit import describe as describe_memory
+    from localgpt.hub import memory_needed
+
+    raw = read_json(folder / "config.json", "model config")
+    try:
+        family_for(str(raw.get("model_type")), f"{folder}/config.json")
+        runs = "yes"
+    except LocalGPTError as error:
+        runs = f"no — {str(error).split(': ', 1)[-1]}"
+    weight_bytes = sum(size for name, size in d["files"].items() if name.endswith(".safetensors"))
+    memory = describe_memory(memory_needed(folder / "config.json", weight_bytes)) if runs == "yes" else "—"
     lines = [
         ("model", entry.name), ("path", entry.path), ("architecture", entry.architecture),
         ("parameters", f"{entry.parameters:,}"), ("layers", d["layers"]),
         ("heads / kv heads", f"{d['heads']} / {d['kv_heads']}"), ("hidden size", d["hidden_size"]),
         ("context length", d["context_length"]), ("vocabulary", d["vocab_size"]), ("dtype", entry.dtype),
         ("quantization", entry.quantization or "none"), ("chat template", "yes" if d["chat_template"] else "no"),
-        ("size on disk", human_size(entry.size_bytes)),
+        ("size on disk", human_size(entry.size_bytes)), ("runs here", runs), ("memory", memory),
     ]
     width = max(len(k) for k, _ in lines)
     for key, value in lines:

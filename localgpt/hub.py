@@ -25,8 +25,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from localgpt import fit
 from localgpt.errors import LocalGPTError, ModelError, UsageError
-from localgpt.paths import PICKLE_SUFFIXES, home, models_dir, writable_models_dir  # noqa: F401 - hub.home() etc.
+from localgpt.paths import PICKLE_SUFFIXES, home, human_size, models_dir, writable_models_dir  # noqa: F401
 
 DEFAULT_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_LOCAL_NAME = "SmolLM2-135M-Instruct"
@@ -253,7 +254,8 @@ def remote_files(repo_id: str, revision: str | None) -> tuple[str, list[RemoteFi
     return info.sha, wanted
 
 
-def download(repo_id: str, revision: str | None = None, notify: Notify = _stderr) -> Path:
+def download(repo_id: str, revision: str | None = None, notify: Notify = _stderr, dtype: str = "auto",
+             force: bool = False) -> Path:
     """Download what localgpt runs from a hub repo into the Hugging Face cache, with a progress bar.
 
     Files land in the cache's own layout (blobs/, snapshots/, refs/), so huggingface_hub and transformers see
@@ -278,15 +280,43 @@ def download(repo_id: str, revision: str | None = None, notify: Notify = _stderr
     if needed > free:
         raise ModelError(f"'{repo_id}' needs {human_size(needed)} but {repo_dir.parent} has {human_size(free)} free "
                          "— free some space or set HF_HOME to a larger disk")
+    # The small files first: config.json says what the weights will need in memory, before they are fetched.
+    missing.sort(key=lambda f: f.name.endswith(".safetensors"))
+    small = [f for f in missing if not f.name.endswith(".safetensors")]
+    with DownloadProgress(sum(f.size for f in small)) as progress:
+        for remote in small:
+            _fetch_file(repo_id, sha, remote, repo_dir, progress)
+    weights = [f for f in files if f.name.endswith(".safetensors")]
+    fits = memory_needed(snapshot / "config.json", sum(f.size for f in weights), dtype)
+    fit.check(fits, f"'{repo_id}'", force, f"'localgpt download {repo_id} --force' fetches it anyway")
     if missing:
-        notify(f"downloading {repo_id} ({human_size(sum(f.size for f in files))}) into {repo_dir.parent}")
-    with DownloadProgress(sum(f.size for f in missing)) as progress:
-        for remote in missing:
+        notify(f"downloading {repo_id} ({human_size(sum(f.size for f in files))}) into {repo_dir.parent}; in "
+               f"memory it needs {fit.describe(fits)}")
+    with DownloadProgress(sum(f.size for f in missing) - sum(f.size for f in small)) as progress:
+        for remote in missing[len(small):]:
             _fetch_file(repo_id, sha, remote, repo_dir, progress)
     if revision in (None, "main"):
         (repo_dir / "refs").mkdir(exist_ok=True)
         (repo_dir / "refs" / "main").write_text(sha)
     return snapshot
+
+
+def memory_needed(config_path: Path, weight_bytes: int, dtype: str = "auto") -> fit.Estimate:
+    """The memory estimate for a checkpoint of weight_bytes whose config.json is at config_path, held in `dtype`
+    (auto: float32, localgpt's CPU default), or as quantized as it is stored."""
+    from localgpt.config import read_json
+
+    raw = read_json(config_path, "model config")
+    text = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else raw
+    stored = str(raw.get("torch_dtype") or raw.get("dtype") or text.get("torch_dtype") or "bfloat16")
+    element = fit.BYTES_PER_PARAMETER.get(stored, 2.0)
+    quantization = raw.get("quantization_config")
+    label = None
+    if isinstance(quantization, dict):
+        label = "4-bit" if quantization.get("load_in_4bit") else "8-bit" if quantization.get("load_in_8bit") else None
+    held = "float32" if dtype == "auto" else dtype
+    parameters = int(weight_bytes / (fit.BYTES_PER_PARAMETER[label] if label else element))
+    return fit.estimate(raw, parameters, held, label)
 
 
 def _fetch_file(repo_id: str, sha: str, remote: RemoteFile, repo_dir: Path, progress: DownloadProgress) -> Path:
@@ -352,14 +382,6 @@ def _transfer(url: str, partial: Path, progress: DownloadProgress) -> None:
         except OSError as exc:  # a full disk or a lost mount; the bytes so far stay in the partial file
             raise ModelError(f"cannot write {partial.name}: {exc.strerror or exc} — free some space and run the "
                              "same command again to resume") from None
-
-
-def human_size(size: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if size < 1000 or unit == "TB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{size:.1f} TB"
 
 
 class DownloadProgress:

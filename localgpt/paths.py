@@ -33,3 +33,12 @@ def writable_models_dir() -> Path:
         raise ModelError(f"cannot write {folder}: {exc.strerror or exc} — set LOCALGPT_HOME to a folder you can "
                          "write") from None
     return folder
+
+
+def human_size(size: float) -> str:
+    """Bytes as people read them: 538.1 MB (powers of 1000, as disks and downloads are sized)."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if size < 1000 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} TB"

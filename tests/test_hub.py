@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from fake_hub import FakeHub
 
-from helpers import run_cli, tiny_model
+from helpers import assert_clean_error, run_cli, tiny_model
 from localgpt import hub as hub_module
 from localgpt.errors import ModelError
 
@@ -214,6 +214,7 @@ def test_list_show_rm(fake_hub):
     assert run("download", "org/tiny", env=fake_hub.env).returncode == 0
     show = run("show", "org/tiny", env=fake_hub.env)
     assert show.returncode == 0 and "architecture      llama" in show.stdout and "model.safetensors" in show.stdout
+    assert "runs here         yes" in show.stdout and "memory            about " in show.stdout
     table = run("list", env=fake_hub.env)
     assert "org/tiny" in table.stdout and "llama" in table.stdout
     refused = run("rm", "org/tiny", env=fake_hub.env)
@@ -258,3 +259,33 @@ def test_show_without_a_model_shows_the_default(tmp_path, monkeypatch, capsys):
     tiny_model(tmp_path / "home" / "models" / DEFAULT_LOCAL_NAME, "llama", tokenizer=True)
     shown = run_in_process(capsys, "show")
     assert shown.returncode == 0 and shown.stdout.splitlines()[0].split() == ["model", DEFAULT_LOCAL_NAME]
+
+
+def test_download_says_what_it_needs_and_refuses_what_will_not_fit(fake_hub):
+    """Before the weights are fetched: the bytes and the memory the model needs; more than is available (here
+    LOCALGPT_MEMORY_AVAILABLE stands in for a small machine) is refused with both figures, and --force goes on."""
+    small = {"LOCALGPT_MEMORY_AVAILABLE": str(100 * 2**20)}
+    refused = run("download", "org/tiny", env=small)
+    assert_clean_error(refused, 1, "needs about")
+    assert "of memory available — 'localgpt download org/tiny --force' fetches it anyway" in refused.stderr
+    assert not list((Path(fake_hub.env["HF_HOME"]) / "hub").rglob("*.safetensors"))  # no weights fetched
+    forced = run("download", "org/tiny", "--force", env=small)
+    assert forced.returncode == 0 and snapshot_file(forced, "model.safetensors").exists()
+    said = forced.stderr.splitlines()[0]
+    assert "downloading org/tiny" in said and "in memory it needs about" in said and "in float32 (" in said
+    assert "KV cache for 256 tokens" in said
+
+
+def test_show_flags_an_architecture_localgpt_cannot_run(tmp_path):
+    folder = tmp_path / "mamba"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "mamba", "hidden_size": 8}))
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"backbone.embeddings.weight": torch.zeros(4, 8)}, folder / "model.safetensors")
+    shown = run("show", str(folder))
+    assert shown.returncode == 0, shown.stderr
+    line = next(line for line in shown.stdout.splitlines() if line.startswith("runs here"))
+    assert "no — model_type 'mamba' is not supported" in line
+    assert next(line for line in shown.stdout.splitlines() if line.startswith("memory")).endswith("—")
