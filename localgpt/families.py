@@ -245,34 +245,6 @@ def qwen_config(cfg: ConfigReader, generation: dict[str, Any], *, qwen3: bool) -
     )
 
 
-def gemma_config(cfg: ConfigReader, generation: dict[str, Any], *, gemma2: bool) -> ModelConfig:
-    fields = _common(cfg, generation, head_dim_default=256)
-    activation = cfg.raw.get("hidden_activation") or cfg.str("hidden_act", "gelu_pytorch_tanh")
-    if activation == "gelu":  # transformers: Gemma's legacy "gelu" means the tanh approximation
-        activation = "gelu_pytorch_tanh"
-    bias = cfg.bool("attention_bias", False)
-    extra: dict[str, Any] = {}
-    if gemma2:
-        window = _window(cfg) if "sliding_window" in cfg.raw else 4096
-        extra = dict(
-            sandwich_norm=True,
-            attn_scale=cfg.float("query_pre_attn_scalar", 256) ** -0.5,
-            attn_softcap=cfg.float("attn_logit_softcapping", 50.0),
-            final_softcap=cfg.float("final_logit_softcapping", 30.0),
-            layers=_sliding_layers(cfg, fields["num_layers"], window, lambda i: (i + 1) % 2 == 1),
-        )
-    return ModelConfig(
-        **fields,
-        activation=_activation(activation, cfg.source),
-        norm_weight_offset=1.0,
-        embed_scale=True,
-        qkv_bias=bias,
-        o_bias=bias,
-        tie_word_embeddings=cfg.bool("tie_word_embeddings", True),
-        **extra,
-    )
-
-
 def _local_rope(cfg: ConfigReader) -> RopeConfig:
     """Gemma 3's second rotary table, for its sliding layers: 5.x nests it in rope_parameters under
     "sliding_attention"; 4.x hub checkpoints give only its base, rope_local_base_freq."""
@@ -285,18 +257,35 @@ def _local_rope(cfg: ConfigReader) -> RopeConfig:
     return RopeConfig(theta=cfg.float("rope_local_base_freq", 10000.0))
 
 
-def gemma3_config(cfg: ConfigReader, generation: dict[str, Any]) -> ModelConfig:
-    """Gemma 3 text: Gemma 2's sandwich norms and scaled queries, q/k norms with Gemma's (1 + w), and sliding
-    layers (all but every sliding_window_pattern-th, unless layer_types lists them) with their own rotary base."""
-    if isinstance(cfg.raw.get("text_config"), dict):  # a gemma3 (image-text) checkpoint: its text model
+def gemma_config(cfg: ConfigReader, generation: dict[str, Any], *, version: int) -> ModelConfig:
+    """Gemma 1, 2 and 3. All: (1 + w) norms, embeddings scaled by sqrt(hidden), GELU-tanh. 2 and 3: sandwich norms
+    and queries scaled by query_pre_attn_scalar. 2: soft-capping and alternate sliding layers. 3: q/k norms, and
+    sliding layers (all but every sliding_window_pattern-th, unless layer_types lists them) with their own rotary
+    base; a gemma3 (image-text) checkpoint's text model from its text_config."""
+    if version == 3 and isinstance(cfg.raw.get("text_config"), dict):
         # (model_type stays gemma3: its key map is the one that finds the text model's tensors)
         cfg = ConfigReader({**cfg.raw["text_config"], "model_type": cfg.raw["model_type"]}, cfg.source)
     fields = _common(cfg, generation, head_dim_default=256)
     activation = cfg.raw.get("hidden_activation") or cfg.str("hidden_act", "gelu_pytorch_tanh")
-    window = _window(cfg) or 4096
-    pattern = cfg.int("sliding_window_pattern", 6)
-    sliding = _layer_types(cfg, fields["num_layers"], lambda i: (i + 1) % pattern != 0)
+    if activation == "gelu":  # transformers: Gemma's legacy "gelu" means the tanh approximation
+        activation = "gelu_pytorch_tanh"
     bias = cfg.bool("attention_bias", False)
+    extra: dict[str, Any] = {}
+    if version >= 2:
+        extra = dict(sandwich_norm=True, attn_scale=cfg.float("query_pre_attn_scalar", 256) ** -0.5)
+    if version == 2:
+        window = _window(cfg) if "sliding_window" in cfg.raw else 4096
+        extra.update(attn_softcap=cfg.float("attn_logit_softcapping", 50.0),
+                     final_softcap=cfg.float("final_logit_softcapping", 30.0),
+                     layers=_sliding_layers(cfg, fields["num_layers"], window, lambda i: (i + 1) % 2 == 1))
+    if version == 3:
+        window = _window(cfg) or 4096
+        pattern = cfg.int("sliding_window_pattern", 6)
+        sliding = _layer_types(cfg, fields["num_layers"], lambda i: (i + 1) % pattern != 0)
+        extra.update(qk_norm=True, attn_softcap=cfg.float("attn_logit_softcapping", None),
+                     final_softcap=cfg.float("final_logit_softcapping", None), local_rope=_local_rope(cfg),
+                     layers=tuple(LayerSpec(window=window, rope="local") if slides else LayerSpec()
+                                  for slides in sliding))
     return ModelConfig(
         **fields,
         activation=_activation(activation, cfg.source),
@@ -304,14 +293,8 @@ def gemma3_config(cfg: ConfigReader, generation: dict[str, Any]) -> ModelConfig:
         embed_scale=True,
         qkv_bias=bias,
         o_bias=bias,
-        qk_norm=True,
-        sandwich_norm=True,
-        attn_scale=cfg.float("query_pre_attn_scalar", 256) ** -0.5,
-        attn_softcap=cfg.float("attn_logit_softcapping", None),
-        final_softcap=cfg.float("final_logit_softcapping", None),
-        layers=tuple(LayerSpec(window=window, rope="local") if slides else LayerSpec() for slides in sliding),
-        local_rope=_local_rope(cfg),
         tie_word_embeddings=cfg.bool("tie_word_embeddings", True),
+        **extra,
     )
 
 
@@ -496,12 +479,12 @@ FAMILIES: dict[str, Family] = {
     "mistral": Family(mistral_config, llama_target),
     "qwen2": Family(lambda c, g: qwen_config(c, g, qwen3=False), llama_target),
     "qwen3": Family(lambda c, g: qwen_config(c, g, qwen3=True), llama_target),
-    "gemma": Family(lambda c, g: gemma_config(c, g, gemma2=False), llama_target),
-    "gemma2": Family(lambda c, g: gemma_config(c, g, gemma2=True), llama_target),
-    "gemma3_text": Family(gemma3_config, llama_target),
+    "gemma": Family(lambda c, g: gemma_config(c, g, version=1), llama_target),
+    "gemma2": Family(lambda c, g: gemma_config(c, g, version=2), llama_target),
+    "gemma3_text": Family(lambda c, g: gemma_config(c, g, version=3), llama_target),
     "smollm3": Family(smollm3_config, llama_target),
     "phi3": Family(phi3_config, llama_target),
-    "gemma3": Family(gemma3_config, gemma3_target),
+    "gemma3": Family(lambda c, g: gemma_config(c, g, version=3), gemma3_target),
 }
 
 
