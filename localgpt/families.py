@@ -204,7 +204,11 @@ def _window(cfg: ConfigReader) -> int | None:
     return None if value is None else cfg.int("sliding_window")
 
 
-def llama_config(cfg: ConfigReader, generation: dict[str, Any]) -> ModelConfig:
+def llama_config(cfg: ConfigReader, generation: dict[str, Any],
+                 layers: Callable[[int], tuple[LayerSpec, ...]] = lambda count: (),
+                 tied: bool = False) -> ModelConfig:
+    """Llama and the families that are Llama with per-layer specs (`layers`, from the layer count) or another
+    tying default."""
     fields = _common(cfg, generation, head_dim_default=None)
     bias = cfg.bool("attention_bias", False)
     return ModelConfig(
@@ -213,19 +217,15 @@ def llama_config(cfg: ConfigReader, generation: dict[str, Any]) -> ModelConfig:
         qkv_bias=bias,
         o_bias=bias,
         mlp_bias=cfg.bool("mlp_bias", False),
-        tie_word_embeddings=cfg.bool("tie_word_embeddings", False),
+        layers=layers(fields["num_layers"]),
+        tie_word_embeddings=cfg.bool("tie_word_embeddings", tied),
     )
 
 
 def mistral_config(cfg: ConfigReader, generation: dict[str, Any]) -> ModelConfig:
-    fields = _common(cfg, generation, head_dim_default=None)
-    window = _window(cfg)
-    return ModelConfig(
-        **fields,
-        activation=_activation(cfg.str("hidden_act", "silu"), cfg.source),
-        layers=_sliding_layers(cfg, fields["num_layers"], window, lambda i: True),
-        tie_word_embeddings=cfg.bool("tie_word_embeddings", False),
-    )
+    """Mistral, and Phi-3 / 3.5 / 4-mini (whose q/k/v and gate/up come fused in the checkpoint, our own layout,
+    and whose long-context variants use longrope): a sliding window on every layer when sliding_window is set."""
+    return llama_config(cfg, generation, lambda count: _sliding_layers(cfg, count, _window(cfg), lambda i: True))
 
 
 def qwen_config(cfg: ConfigReader, generation: dict[str, Any], *, qwen3: bool) -> ModelConfig:
@@ -298,46 +298,23 @@ def gemma_config(cfg: ConfigReader, generation: dict[str, Any], *, version: int)
     )
 
 
-def phi3_config(cfg: ConfigReader, generation: dict[str, Any]) -> ModelConfig:
-    """Phi-3 / 3.5 / 4-mini: Llama with q/k/v and gate/up fused in the checkpoint (our own layout), longrope for
-    the long-context variants, and a sliding window on every layer when sliding_window is set."""
-    fields = _common(cfg, generation, head_dim_default=None)
-    window = _window(cfg)
-    bias = cfg.bool("attention_bias", False)
-    return ModelConfig(
-        **fields,
-        activation=_activation(cfg.str("hidden_act", "silu"), cfg.source),
-        qkv_bias=bias,
-        o_bias=bias,
-        layers=_sliding_layers(cfg, fields["num_layers"], window, lambda i: True),
-        tie_word_embeddings=cfg.bool("tie_word_embeddings", False),
-    )
-
-
 def smollm3_config(cfg: ConfigReader, generation: dict[str, Any]) -> ModelConfig:
     """SmolLM3: Llama with no-rope layers (no_rope_layers[i] == 0: layer i attends without rotation; by default
     every no_rope_layer_interval-th), and with use_sliding_window a window on those layers."""
-    fields = _common(cfg, generation, head_dim_default=None)
-    count = fields["num_layers"]
-    uses_rope = cfg.raw.get("no_rope_layers")
-    if uses_rope is None:
-        interval = cfg.int("no_rope_layer_interval", 4)
-        uses_rope = [int((i + 1) % interval != 0) for i in range(count)]
-    if not isinstance(uses_rope, list) or len(uses_rope) != count or any(v not in (0, 1) for v in uses_rope):
-        raise ModelError(f"{cfg.source}: 'no_rope_layers' must list 0 or 1 for each of the {count} layers")
-    window = _window(cfg) if cfg.bool("use_sliding_window", False) else None
-    sliding = _layer_types(cfg, count, lambda i: window is not None and not uses_rope[i])
-    bias = cfg.bool("attention_bias", False)
-    return ModelConfig(
-        **fields,
-        activation=_activation(cfg.str("hidden_act", "silu"), cfg.source),
-        qkv_bias=bias,
-        o_bias=bias,
-        mlp_bias=cfg.bool("mlp_bias", False),
-        layers=tuple(LayerSpec(window=window if slides else None, rope="global" if rope else None)
-                     for slides, rope in zip(sliding, uses_rope, strict=True)),
-        tie_word_embeddings=cfg.bool("tie_word_embeddings", True),
-    )
+
+    def layers(count: int) -> tuple[LayerSpec, ...]:
+        uses_rope = cfg.raw.get("no_rope_layers")
+        if uses_rope is None:
+            interval = cfg.int("no_rope_layer_interval", 4)
+            uses_rope = [int((i + 1) % interval != 0) for i in range(count)]
+        if not isinstance(uses_rope, list) or len(uses_rope) != count or any(v not in (0, 1) for v in uses_rope):
+            raise ModelError(f"{cfg.source}: 'no_rope_layers' must list 0 or 1 for each of the {count} layers")
+        window = _window(cfg) if cfg.bool("use_sliding_window", False) else None
+        sliding = _layer_types(cfg, count, lambda i: window is not None and not uses_rope[i])
+        return tuple(LayerSpec(window=window if slides else None, rope="global" if rope else None)
+                     for slides, rope in zip(sliding, uses_rope, strict=True))
+
+    return llama_config(cfg, generation, layers, tied=True)
 
 
 def gpt2_config(cfg: ConfigReader, generation: dict[str, Any]) -> ModelConfig:
@@ -483,7 +460,7 @@ FAMILIES: dict[str, Family] = {
     "gemma2": Family(lambda c, g: gemma_config(c, g, version=2), llama_target),
     "gemma3_text": Family(lambda c, g: gemma_config(c, g, version=3), llama_target),
     "smollm3": Family(smollm3_config, llama_target),
-    "phi3": Family(phi3_config, llama_target),
+    "phi3": Family(mistral_config, llama_target),
     "gemma3": Family(lambda c, g: gemma_config(c, g, version=3), gemma3_target),
 }
 
