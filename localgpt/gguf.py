@@ -174,20 +174,69 @@ def read_config(reader, path: Path) -> tuple[dict, dict]:
         "tokens": tokens,
         "token_type": _field(reader, "tokenizer.ggml.token_type") or [],
         "merges": _field(reader, "tokenizer.ggml.merges"),
+        "scores": _field(reader, "tokenizer.ggml.scores") or [],
         "add_bos_token": bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
         "chat_template": _field(reader, "tokenizer.chat_template"),
     }
     return config, tokenizer_meta
 
 
-def build_tokenizer(meta: dict, path: Path):
-    """A `tokenizers` byte-level BPE from the GGUF vocabulary and merges, as transformers' GGUF loader builds it."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+def sentencepiece_merges(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
+    """The merges a SentencePiece BPE vocabulary implies (a GGUF of one lists none): every split of a piece into
+    two pieces of the vocabulary, best-scored piece first, and for equal scores the shorter left part first (the
+    order transformers' GGUF loader recovers, so both tokenize alike)."""
+    index = {token: position for position, token in enumerate(tokens)}
+    found = []
+    for token, score in zip(tokens, scores, strict=False):
+        pairs = [(token[:cut], token[cut:]) for cut in range(1, len(token))
+                 if token[:cut] in index and token[cut:] in index]
+        pairs.sort(key=lambda pair: (index[pair[0]], index[pair[1]]))
+        found += [(left, right, score) for left, right in pairs]
+    found.sort(key=lambda merge: (merge[2], len(merge[0]), len(merge[1])), reverse=True)
+    return [(left, right) for left, right, _ in found]
 
+
+def sentencepiece_tokenizer(meta: dict, path: Path):
+    """Llama's SentencePiece BPE (`tokenizer.ggml.model = llama`: TinyLlama, Llama 2, Mistral 7B v0.1) as
+    transformers' LlamaTokenizer builds it: byte fallback, "▁" for spaces with one before the text, and merges
+    from the file or, where it has none, from the pieces' scores."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    tokens = meta["tokens"]
+    if len(meta["scores"]) != len(tokens) and not meta["merges"]:
+        raise ModelError(f"{path.name}: the SentencePiece vocabulary has no scores to order its merges — the file "
+                         "is incomplete")
+    merges = [tuple(merge.split(" ", 1)) for merge in meta["merges"]] if meta["merges"] else \
+        sentencepiece_merges(tokens, meta["scores"])
+    try:
+        tokenizer = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=True,
+                                         byte_fallback=True))
+    except Exception as exc:  # tokenizers raises a bare Exception for merges that name unknown tokens
+        raise ModelError(f"{path.name}: the tokenizer's merges do not fit its vocabulary ({str(exc)[:120]}) — the "
+                         "file is damaged; download it again") from None
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                           decoders.Strip(content=" ", left=1)])
+    return tokenizer
+
+
+def build_tokenizer(meta: dict, path: Path):
+    """A `tokenizers` tokenizer from the GGUF vocabulary, as transformers' GGUF loader builds it: byte-level BPE
+    (`gpt2`) or SentencePiece BPE (`llama`)."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    if meta["model"] == "llama":
+        tokenizer = sentencepiece_tokenizer(meta, path)
+        special = [AddedToken(t, normalized=False, special=True) for t, kind in
+                   zip(meta["tokens"], meta["token_type"], strict=False) if kind == TOKEN_TYPE_CONTROL]
+        added = [AddedToken(t, normalized=False, special=False) for t, kind in
+                 zip(meta["tokens"], meta["token_type"], strict=False) if kind == TOKEN_TYPE_USER_DEFINED]
+        tokenizer.add_special_tokens(special)
+        tokenizer.add_tokens(added)
+        return with_bos(tokenizer, meta)
     if meta["model"] != "gpt2":
-        raise ModelError(
-            f"{path.name}: GGUF tokenizer type '{meta['model']}' is not supported yet (supported: gpt2 byte-level BPE)"
-        )
+        raise ModelError(f"{path.name}: GGUF tokenizer type '{meta['model']}' is not supported yet (supported: gpt2 "
+                         "byte-level BPE, llama SentencePiece BPE)")
     if not meta["merges"]:
         raise ModelError(f"{path.name}: the byte-level tokenizer has no merges — the file is incomplete")
     alphabet = set(pre_tokenizers.ByteLevel.alphabet())
@@ -219,6 +268,13 @@ def build_tokenizer(meta: dict, path: Path):
             added.append(AddedToken(token, normalized=False, special=False))
     tokenizer.add_special_tokens(special)
     tokenizer.add_tokens(added)
+    return with_bos(tokenizer, meta)
+
+
+def with_bos(tokenizer, meta: dict):
+    """The BOS token before every encoded text, when the file says to add it."""
+    from tokenizers import processors
+
     bos_id = meta.get("bos_token_id")
     if meta["add_bos_token"] and bos_id is not None:
         bos = meta["tokens"][bos_id]

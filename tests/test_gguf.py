@@ -323,3 +323,97 @@ def test_a_gguf_file_is_a_model_reference(tmp_path, tiny_gguf):
     other = run("generate", "-m", str(tiny_gguf), "Hello", "-t", "0", "-n", "6", env={"LOCALGPT_HOME": str(mine)})
     assert other.returncode == 0 and other.stdout == first.stdout
     assert (mine / "models" / "tiny" / "notes.txt").read_text() == "mine"
+
+
+def write_llama_sentencepiece_gguf(path: Path, folder: Path) -> list[str]:
+    """A GGUF of a tiny random transformers Llama with a SentencePiece vocabulary (tokenizer.ggml.model = llama,
+    scores and no merges, byte tokens for the fallback), laid out as llama.cpp's converter does (q/k rows
+    permuted). Returns the vocabulary."""
+    import json
+
+    import gguf
+    from safetensors.torch import load_file
+
+    config = json.loads((folder / "config.json").read_text())
+    corpus = "the cat and the hat sat on a mat; then the rat ran at the cat. 12 34\n"
+    pieces = ["\u2581"] + sorted({c for c in corpus.replace(" ", "\u2581") if c != "\u2581"})
+    words = ["\u2581" + w for w in corpus.replace(".", " ").replace(";", " ").split()]
+    for word in words:  # every prefix of every word: merges for them all
+        pieces += [word[:end] for end in range(2, len(word) + 1)]
+    pieces += ["at", "an", "he", "the", "\u2581\u2581"]
+    pieces = list(dict.fromkeys(pieces))
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces
+    tokens += [f"\u2581unused{i}" for i in range(config["vocab_size"] - len(tokens))]
+    types = [2, 3, 3] + [6] * 256 + [1] * (len(tokens) - 259)
+    scores = [0.0] * 259 + [-float(i) for i in range(len(tokens) - 259)]
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(config["num_attention_heads"])
+    writer.add_head_count_kv(config["num_key_value_heads"])
+    writer.add_rope_freq_base(config["rope_parameters"]["rope_theta"])
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_scores(scores)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.add_add_bos_token(True)
+    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    for name, tensor in load_file(folder / "model.safetensors").items():
+        values = tensor.float().numpy()
+        if name == "model.embed_tokens.weight":
+            target = "token_embd.weight"
+        elif name == "model.norm.weight":
+            target = "output_norm.weight"
+        elif name == "lm_head.weight":
+            target = "output.weight"
+        else:
+            _, _, index, *module, kind = name.split(".")
+            target = f"blk.{index}.{names['.'.join(module)]}.{kind}"
+            if module[-1] in ("q_proj", "k_proj"):  # llama.cpp's row permutation for its rope layout
+                heads = config["num_attention_heads" if module[-1] == "q_proj" else "num_key_value_heads"]
+                values = values.reshape(heads, 2, values.shape[0] // heads // 2, -1).swapaxes(1, 2).reshape(
+                    values.shape)
+        writer.add_tensor(target, np.ascontiguousarray(values))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return tokens
+
+
+@torch.no_grad()
+def test_a_sentencepiece_gguf_converts_like_transformers_loads_it(tmp_path):
+    """tokenizer.ggml.model = llama: the tokenizer rebuilt from pieces and scores encodes and decodes as
+    transformers' GGUF loader's does (byte fallback for characters outside the vocabulary included), and the
+    model gives its logits."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from helpers import tiny_model
+    from localgpt.tokenizer import Tokenizer
+    from localgpt.weights import load_model
+
+    tiny_model(tmp_path / "hf", "llama")
+    gguf_file = tmp_path / "tiny-spm.F32.gguf"
+    write_llama_sentencepiece_gguf(gguf_file, tmp_path / "hf")
+    result = run("convert", str(gguf_file), "-o", str(tmp_path / "ours"), "--dtype", "float32")
+    assert result.returncode == 0, result.stderr
+    theirs = AutoTokenizer.from_pretrained(tmp_path, gguf_file=gguf_file.name)
+    ours = Tokenizer(tmp_path / "ours")
+    for text in ["the cat sat on the mat", " the hat", "then the rat ran.\n\nthe end", "café 🙂 naïve", "12 34",
+                 "thethe  cat"]:
+        expected = theirs(text)["input_ids"]
+        assert ours.encode(text) == expected, text
+        assert ours.decode(expected) == theirs.decode(expected, skip_special_tokens=True), text
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=gguf_file.name, dtype=torch.float32).eval()
+    model = load_model(tmp_path / "ours", dtype="float32", device="cpu").model
+    ids = torch.tensor([ours.encode("the cat and the hat")])
+    torch.testing.assert_close(model(ids, model.make_cache(1, ids.shape[1]), last_only=False),
+                               reference(ids).logits, rtol=1e-4, atol=1e-4)
