@@ -16,7 +16,7 @@ from typing import Any
 from localgpt.atomic import atomic_folder, refuse_existing
 from localgpt.errors import ModelError
 
-SUPPORTED_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+SUPPORTED_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "phi3": "Phi3ForCausalLM"}
 TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED = 3, 4
 
 # How text is split before byte-level BPE, by `tokenizer.ggml.pre` (as transformers and llama.cpp do);
@@ -44,7 +44,10 @@ _LAYER_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+# Phi-3 files keep q/k/v and gate/up fused, as transformers' Phi3 does (llama.cpp's ffn_up is then both halves).
+_PHI3_LAYER_NAMES = {**_LAYER_NAMES, "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+ROPE_FACTORS = {"rope_factors_long.weight": "long_factor", "rope_factors_short.weight": "short_factor"}
 _BLOCK = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
@@ -108,13 +111,14 @@ def _field(reader, key: str, default: Any = None) -> Any:
     return field.contents()
 
 
-def hf_name(gguf_name: str) -> str | None:
+def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
     """GGUF tensor name → transformers' name (None: not ours, e.g. llama.cpp's precomputed rope_freqs)."""
     match = _BLOCK.match(gguf_name)
     if match:
         index, module, kind = match.groups()
-        if module in _LAYER_NAMES:
-            return f"model.layers.{index}.{_LAYER_NAMES[module]}.{kind}"
+        names = _PHI3_LAYER_NAMES if arch == "phi3" else _LAYER_NAMES
+        if module in names:
+            return f"model.layers.{index}.{names[module]}.{kind}"
         return None
     stem, _, kind = gguf_name.rpartition(".")
     return f"{_TOP_NAMES[stem]}.{kind}" if stem in _TOP_NAMES else None
@@ -156,6 +160,15 @@ def read_config(reader, path: Path) -> tuple[dict, dict]:
         "hidden_act": "silu",
         "tie_word_embeddings": "output.weight" not in tensor_names,
     }
+    rotated = _field(reader, f"{arch}.rope.dimension_count")
+    if rotated and int(rotated) != config["head_dim"]:  # a partial rotary: said, so that it is refused by name
+        config["partial_rotary_factor"] = int(rotated) / config["head_dim"]
+    if arch == "phi3":
+        window = _field(reader, "phi3.attention.sliding_window")
+        if window:
+            config["sliding_window"] = int(window)
+        original = _field(reader, "phi3.rope.scaling.original_context_length")
+        config["original_max_position_embeddings"] = int(original or config["max_position_embeddings"])
     scaling = _field(reader, f"{arch}.rope.scaling.type")
     if scaling and scaling != "none":
         factor = float(_field(reader, f"{arch}.rope.scaling.factor", 1.0))
@@ -177,6 +190,7 @@ def read_config(reader, path: Path) -> tuple[dict, dict]:
         "scores": _field(reader, "tokenizer.ggml.scores") or [],
         "add_bos_token": bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
         "chat_template": _field(reader, "tokenizer.chat_template"),
+        "architecture": arch,
     }
     return config, tokenizer_meta
 
@@ -214,7 +228,14 @@ def sentencepiece_tokenizer(meta: dict, path: Path):
     except Exception as exc:  # tokenizers raises a bare Exception for merges that name unknown tokens
         raise ModelError(f"{path.name}: the tokenizer's merges do not fit its vocabulary ({str(exc)[:120]}) — the "
                          "file is damaged; download it again") from None
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    if meta.get("architecture") == "phi3":
+        # Phi-3's tokenizer.json puts the prefix space in a normalizer, not a Metaspace pre-tokenizer (it shows on
+        # text that starts with a space); a GGUF does not carry that file, so it is chosen by architecture.
+        from tokenizers import normalizers
+
+        tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    else:
+        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
     tokenizer.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
                                            decoders.Strip(content=" ", left=1)])
     return tokenizer
@@ -314,7 +335,11 @@ def read_model(reader, gguf_path: Path, dtype: str, progress=None):
     tensors: dict[str, torch.Tensor] = {}
     total = len(reader.tensors)
     for done, tensor in enumerate(reader.tensors, 1):
-        name = hf_name(tensor.name)
+        name = hf_name(tensor.name, config["model_type"])
+        if tensor.name in ROPE_FACTORS:  # Phi-3's longrope factors travel as tensors; config.json lists them
+            factors = [float(v) for v in np.asarray(tensor.data, dtype=np.float32).reshape(-1)]
+            config.setdefault("rope_scaling", {"rope_type": "longrope"})[ROPE_FACTORS[tensor.name]] = factors
+            continue
         if name is None:
             continue
         try:

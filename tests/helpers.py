@@ -106,6 +106,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                           rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
                                            "short_factor": [1.0 + 0.1 * i for i in range(8)],
                                            "long_factor": [2.0 + 0.5 * i for i in range(8)]})),
+    "phi3-4k": ("phi3", dict(sliding_window=6)),  # the short-context variant: a window on every layer, no longrope
     "smollm3": ("smollm3", dict(no_rope_layer_interval=2)),  # layer 1 attends without rotation
     # Gemma 3: sliding and full layers alternate, each with its own rotary table (the full one scaled)
     "gemma3": ("gemma3_text", dict(head_dim=16, sliding_window=4, query_pre_attn_scalar=16,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -325,10 +326,11 @@ def test_a_gguf_file_is_a_model_reference(tmp_path, tiny_gguf):
     assert (mine / "models" / "tiny" / "notes.txt").read_text() == "mine"
 
 
-def write_llama_sentencepiece_gguf(path: Path, folder: Path) -> list[str]:
-    """A GGUF of a tiny random transformers Llama with a SentencePiece vocabulary (tokenizer.ggml.model = llama,
-    scores and no merges, byte tokens for the fallback), laid out as llama.cpp's converter does (q/k rows
-    permuted). Returns the vocabulary."""
+def write_llama_sentencepiece_gguf(path: Path, folder: Path, arch: str = "llama") -> list[str]:
+    """A GGUF of a tiny random transformers Llama (or Phi-3) with a SentencePiece vocabulary
+    (tokenizer.ggml.model = llama, scores and no merges, byte tokens for the fallback), laid out as llama.cpp's
+    converter does (Llama's q/k rows permuted; Phi-3's projections fused as attn_qkv and ffn_up). Returns the
+    vocabulary."""
     import json
 
     import gguf
@@ -346,7 +348,7 @@ def write_llama_sentencepiece_gguf(path: Path, folder: Path) -> list[str]:
     tokens += [f"\u2581unused{i}" for i in range(config["vocab_size"] - len(tokens))]
     types = [2, 3, 3] + [6] * 256 + [1] * (len(tokens) - 259)
     scores = [0.0] * 259 + [-float(i) for i in range(len(tokens) - 259)]
-    writer = gguf.GGUFWriter(str(path), "llama")
+    writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(config["num_hidden_layers"])
     writer.add_context_length(config["max_position_embeddings"])
     writer.add_embedding_length(config["hidden_size"])
@@ -355,6 +357,13 @@ def write_llama_sentencepiece_gguf(path: Path, folder: Path) -> list[str]:
     writer.add_head_count_kv(config["num_key_value_heads"])
     writer.add_rope_freq_base(config["rope_parameters"]["rope_theta"])
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    if config.get("sliding_window"):
+        writer.add_sliding_window(config["sliding_window"])
+    rope = config["rope_parameters"]
+    if rope.get("rope_type") == "longrope":  # as llama.cpp writes Phi-3's: factors as tensors
+        writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+        writer.add_tensor("rope_factors_long.weight", np.array(rope["long_factor"], dtype=np.float32))
+        writer.add_tensor("rope_factors_short.weight", np.array(rope["short_factor"], dtype=np.float32))
     writer.add_tokenizer_model("llama")
     writer.add_token_list(tokens)
     writer.add_token_types(types)
@@ -362,10 +371,12 @@ def write_llama_sentencepiece_gguf(path: Path, folder: Path) -> list[str]:
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
     writer.add_unk_token_id(0)
+    writer.add_pad_token_id(0)  # (Phi3Config's default pad id, 32000, lies outside this vocabulary)
     writer.add_add_bos_token(True)
     names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+             "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"}
     for name, tensor in load_file(folder / "model.safetensors").items():
         values = tensor.float().numpy()
         if name == "model.embed_tokens.weight":
@@ -389,8 +400,9 @@ def write_llama_sentencepiece_gguf(path: Path, folder: Path) -> list[str]:
     return tokens
 
 
+@pytest.mark.parametrize("arch, variant", [("llama", "llama"), ("phi3", "phi3-4k")])
 @torch.no_grad()
-def test_a_sentencepiece_gguf_converts_like_transformers_loads_it(tmp_path):
+def test_a_sentencepiece_gguf_converts_like_transformers_loads_it(tmp_path, arch, variant):
     """tokenizer.ggml.model = llama: the tokenizer rebuilt from pieces and scores encodes and decodes as
     transformers' GGUF loader's does (byte fallback for characters outside the vocabulary included), and the
     model gives its logits."""
@@ -400,9 +412,9 @@ def test_a_sentencepiece_gguf_converts_like_transformers_loads_it(tmp_path):
     from localgpt.tokenizer import Tokenizer
     from localgpt.weights import load_model
 
-    tiny_model(tmp_path / "hf", "llama")
+    tiny_model(tmp_path / "hf", variant)
     gguf_file = tmp_path / "tiny-spm.F32.gguf"
-    write_llama_sentencepiece_gguf(gguf_file, tmp_path / "hf")
+    write_llama_sentencepiece_gguf(gguf_file, tmp_path / "hf", arch)
     result = run("convert", str(gguf_file), "-o", str(tmp_path / "ours"), "--dtype", "float32")
     assert result.returncode == 0, result.stderr
     theirs = AutoTokenizer.from_pretrained(tmp_path, gguf_file=gguf_file.name)
@@ -417,3 +429,22 @@ def test_a_sentencepiece_gguf_converts_like_transformers_loads_it(tmp_path):
     ids = torch.tensor([ours.encode("the cat and the hat")])
     torch.testing.assert_close(model(ids, model.make_cache(1, ids.shape[1]), last_only=False),
                                reference(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
+def test_a_phi3_gguf_keeps_its_longrope(tmp_path):
+    """Phi-3's long-context GGUFs carry longrope's factors as tensors (transformers' GGUF loader drops them): the
+    converted folder has them back in config.json and gives the original model's logits past the switch."""
+    from helpers import tiny_model
+    from localgpt.weights import load_model
+
+    reference = tiny_model(tmp_path / "hf", "phi3")
+    gguf_file = tmp_path / "tiny-phi3.F32.gguf"
+    write_llama_sentencepiece_gguf(gguf_file, tmp_path / "hf", "phi3")
+    assert run("convert", str(gguf_file), "-o", str(tmp_path / "ours"), "--dtype", "float32").returncode == 0
+    config = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert config["rope_scaling"]["rope_type"] == "longrope" and config["original_max_position_embeddings"] == 8
+    model = load_model(tmp_path / "ours", dtype="float32", device="cpu").model
+    ids = torch.randint(3, 500, (1, 14), generator=torch.Generator().manual_seed(0))  # past 8: the long factors
+    torch.testing.assert_close(model(ids, model.make_cache(1, 14), last_only=False), reference(ids).logits,
+                               rtol=1e-4, atol=1e-4)
