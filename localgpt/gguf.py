@@ -16,7 +16,8 @@ from typing import Any
 from localgpt.atomic import atomic_folder, refuse_existing
 from localgpt.errors import ModelError
 
-SUPPORTED_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "phi3": "Phi3ForCausalLM"}
+SUPPORTED_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "phi3": "Phi3ForCausalLM",
+                           "gemma3": "Gemma3ForCausalLM"}
 TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED = 3, 4
 
 # How text is split before byte-level BPE, by `tokenizer.ggml.pre` (as transformers and llama.cpp do);
@@ -46,6 +47,11 @@ _LAYER_NAMES = {
 }
 # Phi-3 files keep q/k/v and gate/up fused, as transformers' Phi3 does (llama.cpp's ffn_up is then both halves).
 _PHI3_LAYER_NAMES = {**_LAYER_NAMES, "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}
+# Gemma 3's extra norms; llama.cpp stores every Gemma norm weight with its +1 applied (undone on reading).
+_GEMMA3_LAYER_NAMES = {**_LAYER_NAMES, "post_attention_norm": "post_attention_layernorm",
+                       "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm",
+                       "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
+_LAYER_NAMES_BY_ARCH = {"phi3": _PHI3_LAYER_NAMES, "gemma3": _GEMMA3_LAYER_NAMES}
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 ROPE_FACTORS = {"rope_factors_long.weight": "long_factor", "rope_factors_short.weight": "short_factor"}
 _BLOCK = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
@@ -116,7 +122,7 @@ def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
     match = _BLOCK.match(gguf_name)
     if match:
         index, module, kind = match.groups()
-        names = _PHI3_LAYER_NAMES if arch == "phi3" else _LAYER_NAMES
+        names = _LAYER_NAMES_BY_ARCH.get(arch, _LAYER_NAMES)
         if module in names:
             return f"model.layers.{index}.{names[module]}.{kind}"
         return None
@@ -163,6 +169,16 @@ def read_config(reader, path: Path) -> tuple[dict, dict]:
     rotated = _field(reader, f"{arch}.rope.dimension_count")
     if rotated and int(rotated) != config["head_dim"]:  # a partial rotary: said, so that it is refused by name
         config["partial_rotary_factor"] = int(rotated) / config["head_dim"]
+    if arch == "gemma3":
+        config.update(model_type="gemma3_text", hidden_activation="gelu_pytorch_tanh",
+                      # llama.cpp's choices, which its files do not state: the sliding layers' base 10000, and
+                      # queries scaled by the head size (hidden / heads for the 62-layer 27B)
+                      rope_local_base_freq=10000.0,
+                      query_pre_attn_scalar=hidden // heads if config["num_hidden_layers"] == 62 else
+                      config["head_dim"])
+        window = _field(reader, "gemma3.attention.sliding_window")
+        if window:
+            config["sliding_window"] = int(window)
     if arch == "phi3":
         window = _field(reader, "phi3.attention.sliding_window")
         if window:
@@ -216,19 +232,37 @@ def sentencepiece_tokenizer(meta: dict, path: Path):
     from the file or, where it has none, from the pieces' scores."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    tokens = meta["tokens"]
-    if len(meta["scores"]) != len(tokens) and not meta["merges"]:
+    tokens, scores = meta["tokens"], meta["scores"]
+    if meta.get("architecture") == "gemma3":
+        # Gemma's files spell a token of several spaces with real spaces, where its tokenizer looks "▁▁" up; and
+        # its merges follow the order of the file, not its scores
+        tokens = ["\u2581" * len(t) if len(t) > 1 and not t.strip(" ") else t for t in tokens]
+        scores = [-float(position) for position in range(len(tokens))]
+    if len(scores) != len(tokens) and not meta["merges"]:
         raise ModelError(f"{path.name}: the SentencePiece vocabulary has no scores to order its merges — the file "
                          "is incomplete")
     merges = [tuple(merge.split(" ", 1)) for merge in meta["merges"]] if meta["merges"] else \
-        sentencepiece_merges(tokens, meta["scores"])
+        sentencepiece_merges(tokens, scores)
+    unk = tokens[meta["unk_token_id"]] if meta.get("architecture") == "gemma3" and \
+        meta.get("unk_token_id") is not None else None  # (GemmaTokenizer names its unknown token; Llama's not)
     try:
         tokenizer = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=True,
-                                         byte_fallback=True))
+                                         byte_fallback=True, unk_token=unk))
     except Exception as exc:  # tokenizers raises a bare Exception for merges that name unknown tokens
         raise ModelError(f"{path.name}: the tokenizer's merges do not fit its vocabulary ({str(exc)[:120]}) — the "
                          "file is damaged; download it again") from None
-    if meta.get("architecture") == "phi3":
+    # "▁" back to spaces, bytes back to characters, and the prefix space Metaspace added taken off again
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                           decoders.Strip(content=" ", left=1)])
+    if meta.get("architecture") == "gemma3":
+        # Gemma's tokenizer: no prefix space, every space a "▁" (its normalizer), as transformers' GemmaTokenizer
+        from tokenizers import normalizers
+
+        tokenizer.normalizer = normalizers.Replace(" ", "\u2581")
+        tokenizer.pre_tokenizer = pre_tokenizers.Split(pattern=" ", behavior="merged_with_previous")
+        tokenizer.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                               decoders.Fuse()])
+    elif meta.get("architecture") == "phi3":
         # Phi-3's tokenizer.json puts the prefix space in a normalizer, not a Metaspace pre-tokenizer (it shows on
         # text that starts with a space); a GGUF does not carry that file, so it is chosen by architecture.
         from tokenizers import normalizers
@@ -236,8 +270,6 @@ def sentencepiece_tokenizer(meta: dict, path: Path):
         tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
     else:
         tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
-    tokenizer.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                           decoders.Strip(content=" ", left=1)])
     return tokenizer
 
 
@@ -335,7 +367,7 @@ def read_model(reader, gguf_path: Path, dtype: str, progress=None):
     tensors: dict[str, torch.Tensor] = {}
     total = len(reader.tensors)
     for done, tensor in enumerate(reader.tensors, 1):
-        name = hf_name(tensor.name, config["model_type"])
+        name = hf_name(tensor.name, tokenizer_meta["architecture"])
         if tensor.name in ROPE_FACTORS:  # Phi-3's longrope factors travel as tensors; config.json lists them
             factors = [float(v) for v in np.asarray(tensor.data, dtype=np.float32).reshape(-1)]
             config.setdefault("rope_scaling", {"rope_type": "longrope"})[ROPE_FACTORS[tensor.name]] = factors
@@ -352,6 +384,8 @@ def read_model(reader, gguf_path: Path, dtype: str, progress=None):
             ) from None
         shape = tuple(int(d) for d in reversed(tensor.shape))  # GGUF lists dimensions fastest-first
         values = values.reshape(shape)
+        if config["model_type"] == "gemma3_text" and name.endswith("norm.weight"):
+            values = values - 1.0  # llama.cpp wrote Gemma's (1 + w) as its sum
         if config["model_type"] == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = config["num_attention_heads"] if "q_proj" in name else config["num_key_value_heads"]
             values = unpermute_qk(values, heads)

@@ -107,6 +107,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                                            "short_factor": [1.0 + 0.1 * i for i in range(8)],
                                            "long_factor": [2.0 + 0.5 * i for i in range(8)]})),
     "phi3-4k": ("phi3", dict(sliding_window=6)),  # the short-context variant: a window on every layer, no longrope
+    # Gemma 3 as its GGUF files describe it: llama.cpp's layer pattern (every 6th global) and local base 10000
+    "gemma3-gguf": ("gemma3_text", dict(head_dim=16, sliding_window=4, query_pre_attn_scalar=16)),
     "smollm3": ("smollm3", dict(no_rope_layer_interval=2)),  # layer 1 attends without rotation
     # Gemma 3: sliding and full layers alternate, each with its own rotary table (the full one scaled)
     "gemma3": ("gemma3_text", dict(head_dim=16, sliding_window=4, query_pre_attn_scalar=16,

@@ -343,6 +343,8 @@ def write_llama_sentencepiece_gguf(path: Path, folder: Path, arch: str = "llama"
     for word in words:  # every prefix of every word: merges for them all
         pieces += [word[:end] for end in range(2, len(word) + 1)]
     pieces += ["at", "an", "he", "the", "\u2581\u2581"]
+    if arch == "gemma3":  # Gemma's files spell a token of spaces with real spaces
+        pieces = ["  " if piece == "\u2581\u2581" else piece for piece in pieces]
     pieces = list(dict.fromkeys(pieces))
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces
     tokens += [f"\u2581unused{i}" for i in range(config["vocab_size"] - len(tokens))]
@@ -355,11 +357,11 @@ def write_llama_sentencepiece_gguf(path: Path, folder: Path, arch: str = "llama"
     writer.add_feed_forward_length(config["intermediate_size"])
     writer.add_head_count(config["num_attention_heads"])
     writer.add_head_count_kv(config["num_key_value_heads"])
-    writer.add_rope_freq_base(config["rope_parameters"]["rope_theta"])
+    rope = config["rope_parameters"]
+    writer.add_rope_freq_base((rope.get("full_attention") or rope)["rope_theta"])  # Gemma 3: the global one
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     if config.get("sliding_window"):
         writer.add_sliding_window(config["sliding_window"])
-    rope = config["rope_parameters"]
     if rope.get("rope_type") == "longrope":  # as llama.cpp writes Phi-3's: factors as tensors
         writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
         writer.add_tensor("rope_factors_long.weight", np.array(rope["long_factor"], dtype=np.float32))
@@ -377,18 +379,27 @@ def write_llama_sentencepiece_gguf(path: Path, folder: Path, arch: str = "llama"
              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
              "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
              "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"}
+    if arch == "gemma3":
+        names |= {"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
+                  "post_feedforward_layernorm": "post_ffw_norm", "self_attn.q_norm": "attn_q_norm",
+                  "self_attn.k_norm": "attn_k_norm"}
+        writer.add_key_length(config["head_dim"])
+        writer.add_value_length(config["head_dim"])
     for name, tensor in load_file(folder / "model.safetensors").items():
         values = tensor.float().numpy()
         if name == "model.embed_tokens.weight":
             target = "token_embd.weight"
         elif name == "model.norm.weight":
             target = "output_norm.weight"
+            values = values + 1.0 if arch == "gemma3" else values
         elif name == "lm_head.weight":
             target = "output.weight"
         else:
             _, _, index, *module, kind = name.split(".")
             target = f"blk.{index}.{names['.'.join(module)]}.{kind}"
-            if module[-1] in ("q_proj", "k_proj"):  # llama.cpp's row permutation for its rope layout
+            if arch == "gemma3" and module[-1].endswith("norm"):
+                values = values + 1.0  # llama.cpp writes Gemma's (1 + w) as its sum
+            if arch == "llama" and module[-1] in ("q_proj", "k_proj"):  # llama.cpp's row permutation for rope
                 heads = config["num_attention_heads" if module[-1] == "q_proj" else "num_key_value_heads"]
                 values = values.reshape(heads, 2, values.shape[0] // heads // 2, -1).swapaxes(1, 2).reshape(
                     values.shape)
@@ -447,4 +458,32 @@ def test_a_phi3_gguf_keeps_its_longrope(tmp_path):
     model = load_model(tmp_path / "ours", dtype="float32", device="cpu").model
     ids = torch.randint(3, 500, (1, 14), generator=torch.Generator().manual_seed(0))  # past 8: the long factors
     torch.testing.assert_close(model(ids, model.make_cache(1, 14), last_only=False), reference(ids).logits,
+                               rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
+def test_a_gemma3_gguf_converts_to_the_original_model(tmp_path):
+    """gemma3 files: Gemma's tokenizer (no prefix space, tokens of spaces respelled, merges in file order) as
+    transformers' GGUF loader builds it; norms back from llama.cpp's (1 + w); the q/k norms, sandwich norms and
+    sliding layers of the original model, whose logits the converted folder gives (transformers' GGUF loader
+    scales queries by a default 256, so the original model is the oracle for the weights)."""
+    from transformers import AutoTokenizer
+
+    from helpers import tiny_model
+    from localgpt.tokenizer import Tokenizer
+    from localgpt.weights import load_model
+
+    reference = tiny_model(tmp_path / "hf", "gemma3-gguf")
+    gguf_file = tmp_path / "tiny-gemma3.F32.gguf"
+    write_llama_sentencepiece_gguf(gguf_file, tmp_path / "hf", "gemma3")
+    result = run("convert", str(gguf_file), "-o", str(tmp_path / "ours"), "--dtype", "float32")
+    assert result.returncode == 0, result.stderr
+    theirs, ours = AutoTokenizer.from_pretrained(tmp_path, gguf_file=gguf_file.name), Tokenizer(tmp_path / "ours")
+    for text in ["the cat sat on the mat", " the  hat", "then the rat ran.\n\nthe end", "café 🙂", "thethe  cat"]:
+        expected = theirs(text)["input_ids"]
+        assert ours.encode(text) == expected, text
+        assert ours.decode(expected) == theirs.decode(expected, skip_special_tokens=True), text
+    model = load_model(tmp_path / "ours", dtype="float32", device="cpu").model
+    ids = torch.randint(3, 500, (1, 12), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(model(ids, model.make_cache(1, 12), last_only=False), reference(ids).logits,
                                rtol=1e-4, atol=1e-4)
