@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from localgpt.generate import Response, prefill, responses
+from localgpt.generate import Response, advance, prefill, responses
 from localgpt.model import Transformer
 from localgpt.prompt import check_prompt_fits
 from localgpt.sampling import SamplingOptions, process_logits
@@ -143,7 +143,7 @@ def beam_search_steps(model: Transformer, prompt_ids: Sequence[int], sampling: S
             committed += len(settled)
             yield settled
         cache.reorder(running_source)
-        logits = model(running[:, cur_len - 1 : cur_len], cache)[:, -1]
+        logits = advance(model, running, cache, cur_len)
 
     count = beams.num_return_sequences
     return [

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from localgpt.generate import prefill
+from localgpt.generate import advance
 from localgpt.model import Transformer
 from localgpt.prompt import check_prompt_fits
 from localgpt.sampling import process_logits, sample
@@ -107,10 +107,13 @@ class Engine:
             sequence.counts = torch.zeros(1, self.model.config.vocab_size, dtype=torch.long, device=device)
         index = len(self.running)
         reused = self._reuse_row(index, request.prompt_ids)
+        switch = self.model.recompute_at
+        if switch is not None and 0 < reused <= switch < prompt_len:
+            reused = 0  # kept with longrope's short tables, which a prompt this long no longer uses
         row = self.cache.rows(slice(index, index + 1))
         for layer in row.layers:
             layer.length = reused
-        sequence.logits = prefill(self.model, history[:, reused:prompt_len], row)
+        sequence.logits = advance(self.model, history, row, prompt_len)
         self.reused_tokens += reused
         self.running.append(sequence)
         self._note_lengths()
@@ -171,6 +174,18 @@ class Engine:
         """Feed each sequence's last token at its position. They are the front rows: requests added since the
         last step sit behind them with their prefill's logits (a step consumes every row's logits)."""
         assert self.running[: len(sequences)] == sequences
+        switch = self.model.recompute_at
+        if switch is not None and any(s.length <= switch < s.length + 1 for s in sequences):
+            # a row reaches a longrope model's original length: this step runs row by row, and that row whole
+            # again with the long tables (generate.advance)
+            for row, sequence in enumerate(sequences):
+                view = self.cache.rows(slice(row, row + 1))
+                for layer in view.layers:
+                    layer.length = sequence.length
+                sequence.logits = advance(self.model, sequence.history, view, sequence.length + 1)
+                sequence.length += 1
+            self._note_lengths()
+            return
         tokens = torch.stack([s.history[0, s.length] for s in sequences]).view(-1, 1)
         positions = [s.length for s in sequences]
         view = self.cache.rows(slice(0, len(sequences)))

@@ -46,6 +46,16 @@ def timed_response(text: str, token: int | None, prompt_tokens: int, generated: 
                     (generated - 1) / decode_time if generated > 1 and decode_time > 0 else 0.0)
 
 
+def advance(model: Transformer, history: torch.Tensor, cache: KVCache, end: int) -> torch.Tensor:
+    """Run history (B, ≥ end) from cache.length to `end`; the last position's logits (B, V) in float32. When `end`
+    first passes a longrope model's original length (Transformer.recompute_at), the cache is dropped and the whole
+    sequence run again with the long tables, as transformers' Phi-3 does."""
+    switch = model.recompute_at
+    if switch is not None and 0 < cache.length <= switch < end:
+        cache.trim(0)
+    return prefill(model, history[:, cache.length : end], cache)
+
+
 def prefill(model: Transformer, ids: torch.Tensor, cache: KVCache, chunk: int | None = None) -> torch.Tensor:
     """Run ids (B, T) from cache.length on, in chunks; return the logits of the last position (B, V) in float32."""
     chunk = chunk or PREFILL_CHUNK
@@ -84,7 +94,7 @@ def generate_tokens(model: Transformer, prompt_ids: Sequence[int], options: Samp
     if options.presence_penalty or options.frequency_penalty:
         counts = torch.zeros(1, model.config.vocab_size, dtype=torch.long, device=device)
 
-    logits = prefill(model, history[:, cache.length : prompt_len], cache)
+    logits = advance(model, history, cache, prompt_len)
     length = prompt_len
     for _ in range(max_tokens):
         if needs_history or counts is not None or not options.greedy:
@@ -101,7 +111,7 @@ def generate_tokens(model: Transformer, prompt_ids: Sequence[int], options: Samp
         length += 1
         if length >= total:
             return
-        logits = model(next_token.view(1, 1), cache)[:, -1].float()
+        logits = advance(model, history, cache, length)
 
 
 def find_stop(text: str, stops: Sequence[str]) -> tuple[int, int]:

@@ -260,6 +260,14 @@ class Transformer(nn.Module):
             return self.compiled_step(input_ids, ropes, cache, start, last_only)
         return self.run(input_ids, ropes, cache, start, last_only)
 
+    @property
+    def recompute_at(self) -> int | None:
+        """A length at which the whole sequence is run again (longrope: past its original length the tables
+        change for every position, and transformers' Phi-3 drops its cache there to recompute with them)."""
+        lengths = [t.rope.original_max_position_embeddings for t in self.rotary.values()
+                   if t.rope.rope_type == "longrope"]
+        return min(lengths) if lengths else None
+
     def rope_tables(self, start: int, length: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Every rotary table the layers use, for positions [start, start+length), by name (rope.py)."""
         return {name: tables(start, length, self.dtype, self.device) for name, tables in self.rotary.items()}

@@ -134,14 +134,13 @@ class RotaryTables:
 
     def rows(self, positions: torch.Tensor, dtype: torch.dtype,
              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tables for one position per row, positions (B,) → cos and signed sin (B, 1, 1, hd). Dynamic NTK past
-        the trained length takes its base from the longest row, as transformers does for a batch."""
+        """Tables for one position per row, positions (B,) → cos and signed sin (B, 1, 1, hd). Past a length
+        where the tables depend on it (dynamic NTK, longrope), each row gets the table it would get alone."""
         end = int(positions.max()) + 1
         switch = self.rope.switches_past(self.max_positions)
         if switch is not None and end > switch:
-            inv_freq, scaling = inverse_frequencies(self.rope, self.head_dim, self.max_positions, seq_len=end)
-            cos, sin = self.layout(*cos_sin(inv_freq, positions.to(device), scaling), dtype)
-            return cos[:, None], sin[:, None]
+            rows = [self(int(position), 1, dtype, device) for position in positions.tolist()]
+            return torch.stack([cos for cos, _ in rows]), torch.stack([sin for _, sin in rows])
         cos, sin = self(0, end, dtype, device)
         return cos[positions][:, None], sin[positions][:, None]
 

@@ -35,7 +35,7 @@ def test_grid_covers_every_pair_of_values():
             assert any(case[i] == a and case[j] == b and type(case[i]) is type(a) for case in GRID), (i, a, j, b)
 
 
-@pytest.fixture(scope="module", params=["llama", "gpt2", "gemma3"])
+@pytest.fixture(scope="module", params=["llama", "gpt2", "gemma3", "phi3", "smollm3"])
 def pair(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(f"beam-{request.param}")
     reference = tiny_model(folder, request.param, eos_token_id=EOS)

@@ -318,6 +318,9 @@ def test_a_gguf_file_is_a_model_reference(tmp_path, tiny_gguf):
     piped = run_cli("chat", "-m", str(folder), "-t", "0", "-n", "6", stdin="Hello\n", env=env)
     assert piped.returncode == 0 and piped.stdout.strip(), piped.stderr
     assert sorted(p.name for p in (home / "models").iterdir())[0] == "tiny"
+    bench = run("bench", "-m", str(tiny_gguf), "--prompt-tokens", "4", "--new-tokens", "2", "--repeats", "1",
+                env=env)
+    assert bench.returncode == 0 and "localgpt" in bench.stdout and "converting" not in bench.stderr, bench.stderr
     mine = tmp_path / "mine" / "home"
     (mine / "models" / "tiny").mkdir(parents=True)
     (mine / "models" / "tiny" / "notes.txt").write_text("mine")
