@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -321,6 +324,15 @@ def test_a_gguf_file_is_a_model_reference(tmp_path, tiny_gguf):
     bench = run("bench", "-m", str(tiny_gguf), "--prompt-tokens", "4", "--new-tokens", "2", "--repeats", "1",
                 env=env)
     assert bench.returncode == 0 and "localgpt" in bench.stdout and "converting" not in bench.stderr, bench.stderr
+    served = subprocess.Popen([sys.executable, "-m", "localgpt", "serve", "-m", str(tiny_gguf), "--port", "0"],
+                              stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                              env={**os.environ, **env})
+    try:
+        line = served.stderr.readline()  # the first line: serving, with no conversion said again
+        assert line.startswith("localgpt: serving tiny on http://127.0.0.1:"), line
+    finally:
+        served.send_signal(signal.SIGTERM)
+        assert served.wait(timeout=30) == 0
     mine = tmp_path / "mine" / "home"
     (mine / "models" / "tiny").mkdir(parents=True)
     (mine / "models" / "tiny" / "notes.txt").write_text("mine")
