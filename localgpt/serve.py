@@ -758,14 +758,16 @@ def serve(loaded, model_id: str, listener, parallel: int, api_key: str | None) -
     worker.start()
     app = create_app(loaded, worker, model_id, api_key)
     host, bound = listener.getsockname()[:2]
-    print(f"localgpt: serving {model_id} on http://{host}:{bound}/v1 ({parallel} parallel sequences)",
-          file=sys.stderr, flush=True)
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=3,
                             lifespan="off")
     server = uvicorn.Server(config)
-    # uvicorn shuts down on SIGINT and SIGTERM, then raises the signal again for the handler it found: make that
-    # one do nothing, so a stop is a clean exit (0) and not a kill by the signal or an "interrupted" error.
-    previous = {sig: signal.signal(sig, lambda number, frame: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # uvicorn shuts down on SIGINT and SIGTERM, then raises the signal again for the handler it found. Ours asks
+    # the server to stop: for a signal that comes before uvicorn has put its own handlers in place, and so that
+    # the raised-again one is a clean exit (0), not a kill by the signal or an "interrupted" error.
+    previous = {sig: signal.signal(sig, lambda number, frame: setattr(server, "should_exit", True))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    print(f"localgpt: serving {model_id} on http://{host}:{bound}/v1 ({parallel} parallel sequences)",
+          file=sys.stderr, flush=True)
     try:
         server.run(sockets=[listener])
     finally:
