@@ -226,14 +226,26 @@ def sentencepiece_merges(tokens: list[str], scores: list[float]) -> list[tuple[s
     return [(left, right) for left, right, _ in found]
 
 
+def bpe_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]], path: Path, **options):
+    """A `tokenizers` BPE, or our error for merges that do not fit the vocabulary."""
+    from tokenizers import Tokenizer, models
+
+    try:
+        return Tokenizer(models.BPE(vocab=vocab, merges=merges, **options))
+    except Exception as exc:  # tokenizers raises a bare Exception for merges that name unknown tokens
+        raise ModelError(f"{path.name}: the tokenizer's merges do not fit its vocabulary ({str(exc)[:120]}) — the "
+                         "file is damaged; download it again") from None
+
+
 def sentencepiece_tokenizer(meta: dict, path: Path):
     """Llama's SentencePiece BPE (`tokenizer.ggml.model = llama`: TinyLlama, Llama 2, Mistral 7B v0.1) as
     transformers' LlamaTokenizer builds it: byte fallback, "▁" for spaces with one before the text, and merges
-    from the file or, where it has none, from the pieces' scores."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from the file or, where it has none, from the pieces' scores. Gemma's and Phi-3's variants by architecture."""
+    from tokenizers import decoders, normalizers, pre_tokenizers
 
+    gemma = meta.get("architecture") == "gemma3"
     tokens, scores = meta["tokens"], meta["scores"]
-    if meta.get("architecture") == "gemma3":
+    if gemma:
         # Gemma's files spell a token of several spaces with real spaces, where its tokenizer looks "▁▁" up; and
         # its merges follow the order of the file, not its scores
         tokens = ["\u2581" * len(t) if len(t) > 1 and not t.strip(" ") else t for t in tokens]
@@ -243,53 +255,31 @@ def sentencepiece_tokenizer(meta: dict, path: Path):
                          "is incomplete")
     merges = [tuple(merge.split(" ", 1)) for merge in meta["merges"]] if meta["merges"] else \
         sentencepiece_merges(tokens, scores)
-    unk = tokens[meta["unk_token_id"]] if meta.get("architecture") == "gemma3" and \
-        meta.get("unk_token_id") is not None else None  # (GemmaTokenizer names its unknown token; Llama's not)
-    try:
-        tokenizer = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=True,
-                                         byte_fallback=True, unk_token=unk))
-    except Exception as exc:  # tokenizers raises a bare Exception for merges that name unknown tokens
-        raise ModelError(f"{path.name}: the tokenizer's merges do not fit its vocabulary ({str(exc)[:120]}) — the "
-                         "file is damaged; download it again") from None
-    # "▁" back to spaces, bytes back to characters, and the prefix space Metaspace added taken off again
-    tokenizer.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                           decoders.Strip(content=" ", left=1)])
-    if meta.get("architecture") == "gemma3":
+    # (GemmaTokenizer names its unknown token; Llama's does not)
+    unk = tokens[meta["unk_token_id"]] if gemma and meta.get("unk_token_id") is not None else None
+    tokenizer = bpe_tokenizer({t: i for i, t in enumerate(tokens)}, merges, path, fuse_unk=True, byte_fallback=True,
+                              unk_token=unk)
+    # "▁" back to spaces and bytes back to characters; then the prefix space taken off again, where one was added
+    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if gemma:
         # Gemma's tokenizer: no prefix space, every space a "▁" (its normalizer), as transformers' GemmaTokenizer
-        from tokenizers import normalizers
-
         tokenizer.normalizer = normalizers.Replace(" ", "\u2581")
         tokenizer.pre_tokenizer = pre_tokenizers.Split(pattern=" ", behavior="merged_with_previous")
-        tokenizer.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
-                                               decoders.Fuse()])
     elif meta.get("architecture") == "phi3":
         # Phi-3's tokenizer.json puts the prefix space in a normalizer, not a Metaspace pre-tokenizer (it shows on
         # text that starts with a space); a GGUF does not carry that file, so it is chosen by architecture.
-        from tokenizers import normalizers
-
         tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
     else:
         tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    tokenizer.decoder = decoders.Sequence(steps if gemma else [*steps, decoders.Strip(content=" ", left=1)])
     return tokenizer
 
 
-def build_tokenizer(meta: dict, path: Path):
-    """A `tokenizers` tokenizer from the GGUF vocabulary, as transformers' GGUF loader builds it: byte-level BPE
-    (`gpt2`) or SentencePiece BPE (`llama`)."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+def byte_level_tokenizer(meta: dict, path: Path):
+    """GPT-2's byte-level BPE from the vocabulary and merges (`tokenizer.ggml.model = gpt2`); the text is split
+    first as `tokenizer.ggml.pre` says."""
+    from tokenizers import Regex, decoders, pre_tokenizers
 
-    if meta["model"] == "llama":
-        tokenizer = sentencepiece_tokenizer(meta, path)
-        special = [AddedToken(t, normalized=False, special=True) for t, kind in
-                   zip(meta["tokens"], meta["token_type"], strict=False) if kind == TOKEN_TYPE_CONTROL]
-        added = [AddedToken(t, normalized=False, special=False) for t, kind in
-                 zip(meta["tokens"], meta["token_type"], strict=False) if kind == TOKEN_TYPE_USER_DEFINED]
-        tokenizer.add_special_tokens(special)
-        tokenizer.add_tokens(added)
-        return with_bos(tokenizer, meta)
-    if meta["model"] != "gpt2":
-        raise ModelError(f"{path.name}: GGUF tokenizer type '{meta['model']}' is not supported yet (supported: gpt2 "
-                         "byte-level BPE, llama SentencePiece BPE)")
     if not meta["merges"]:
         raise ModelError(f"{path.name}: the byte-level tokenizer has no merges — the file is incomplete")
     alphabet = set(pre_tokenizers.ByteLevel.alphabet())
@@ -298,12 +288,7 @@ def build_tokenizer(meta: dict, path: Path):
     for index, token in enumerate(meta["tokens"]):
         spelled = token if set(token) <= alphabet else "".join(byte_spelling[b] for b in token.encode("utf-8"))
         vocab[spelled] = index
-    merges = [tuple(merge.split(" ", 1)) for merge in meta["merges"]]
-    try:
-        tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
-    except Exception as exc:  # tokenizers raises a bare Exception for merges that name unknown tokens
-        raise ModelError(f"{path.name}: the tokenizer's merges do not fit its vocabulary ({str(exc)[:120]}) — the "
-                         "file is damaged; download it again") from None
+    tokenizer = bpe_tokenizer(vocab, [tuple(merge.split(" ", 1)) for merge in meta["merges"]], path, fuse_unk=False)
     split = PRE_TOKENIZER_SPLITS.get(meta["pre"])
     if split is None:
         tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -313,9 +298,26 @@ def build_tokenizer(meta: dict, path: Path):
              pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
         )
     tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
+def build_tokenizer(meta: dict, path: Path):
+    """A `tokenizers` tokenizer from the GGUF vocabulary, as transformers' GGUF loader builds it: byte-level BPE
+    (`gpt2`) or SentencePiece BPE (`llama`), with the file's control tokens as special tokens and its user-defined
+    ones as added tokens."""
+    from tokenizers import AddedToken, pre_tokenizers
+
+    if meta["model"] == "llama":
+        tokenizer, spellable = sentencepiece_tokenizer(meta, path), None
+    elif meta["model"] == "gpt2":
+        tokenizer, spellable = byte_level_tokenizer(meta, path), set(pre_tokenizers.ByteLevel.alphabet())
+    else:
+        raise ModelError(f"{path.name}: GGUF tokenizer type '{meta['model']}' is not supported yet (supported: gpt2 "
+                         "byte-level BPE, llama SentencePiece BPE)")
     special, added = [], []
     for token, kind in zip(meta["tokens"], meta["token_type"], strict=False):  # token_type may be absent
-        if kind == TOKEN_TYPE_CONTROL and set(token) <= alphabet:
+        # (a byte-level control token outside the byte alphabet is a llama.cpp mislabel: not added)
+        if kind == TOKEN_TYPE_CONTROL and (spellable is None or set(token) <= spellable):
             special.append(AddedToken(token, normalized=False, special=True))
         elif kind == TOKEN_TYPE_USER_DEFINED:
             added.append(AddedToken(token, normalized=False, special=False))
