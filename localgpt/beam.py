@@ -71,7 +71,7 @@ def beam_search_steps(model: Transformer, prompt_ids: Sequence[int], sampling: S
     # Prefill once, then copy the prompt's keys/values into every beam's row.
     single = model.make_cache(1, max_length)
     logits = prefill(model, torch.tensor([list(prompt_ids)], device=device), single)
-    cache = single.repeat_rows(n, max_length)
+    cache = single.repeat_rows(n)
     del single
     logits = logits.expand(n, -1)
 

@@ -162,19 +162,11 @@ class LayerCache:
         grown.values[:, :, targets] = self.values[:, :, positions]
         self.keys, self.values, self.ring = grown.keys, grown.values, grown.ring
 
-    def repeat_rows(self, batch_size: int, max_len: int) -> LayerCache:
+    def repeat_rows(self, batch_size: int) -> LayerCache:
         """A new cache of batch_size rows, each a copy of row 0 of this one (beam search from one prefill)."""
-        _, heads, _, head_dim = self.keys.shape
-        repeated = LayerCache(batch_size, heads, max_len, head_dim, self.keys.dtype, self.keys.device, self.window)
-        if repeated.ring == self.ring:
-            repeated.keys[:, :, self.filled()] = self.keys[:1, :, self.filled()]
-            repeated.values[:, :, self.filled()] = self.values[:1, :, self.filled()]
-            repeated.length = self.length
-        else:  # through a row-0 copy grown to the new length
-            single = LayerCache(1, heads, self.slots, head_dim, self.keys.dtype, self.keys.device, self.window)
-            single.keys[:], single.values[:], single.length = self.keys[:1], self.values[:1], self.length
-            single.grow(max_len)
-            return single.repeat_rows(batch_size, max_len)
+        repeated = self.rows(slice(0, 1))
+        repeated.keys, repeated.values = self.keys[:1].repeat(batch_size, 1, 1, 1), \
+            self.values[:1].repeat(batch_size, 1, 1, 1)
         return repeated
 
 
@@ -216,9 +208,13 @@ class KVCache:
         for layer in self.layers:
             layer.grow(max_len)
 
-    def rows(self, index: slice) -> KVCache:
-        """A view of some rows (beams, or the requests of a batch): writes go to this cache's buffers."""
-        return KVCache([layer.rows(index) for layer in self.layers])
+    def rows(self, index: slice, length: int | None = None) -> KVCache:
+        """A view of some rows (the requests of a batch): writes go to this cache's buffers. `length`: the
+        positions the view holds (rows of a batch hold different numbers; the view's own count)."""
+        view = KVCache([layer.rows(index) for layer in self.layers])
+        for layer in view.layers if length is not None else ():
+            layer.length = length
+        return view
 
     def swap_rows(self, first: int, second: int, length: int) -> None:
         """Exchange two rows' first `length` positions (a ring layer's whole window)."""
@@ -229,5 +225,5 @@ class KVCache:
                 buffer[first, :, held] = buffer[second, :, held]
                 buffer[second, :, held] = kept
 
-    def repeat_rows(self, batch_size: int, max_len: int) -> KVCache:
-        return KVCache([layer.repeat_rows(batch_size, max_len) for layer in self.layers])
+    def repeat_rows(self, batch_size: int) -> KVCache:
+        return KVCache([layer.repeat_rows(batch_size) for layer in self.layers])

@@ -20,6 +20,7 @@ first-forward repacking, a compiled step) is then never shared. A server puts re
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -99,8 +100,7 @@ class Engine:
         history = torch.empty(1, total, dtype=torch.long, device=device)
         history[0, :prompt_len] = torch.tensor(request.prompt_ids, dtype=torch.long)
         options = request.sampling
-        sequence = _Sequence(self.next_id, Request(**{**request.__dict__, "max_tokens": max_tokens}), history,
-                             prompt_len)
+        sequence = _Sequence(self.next_id, dataclasses.replace(request, max_tokens=max_tokens), history, prompt_len)
         if options.seed is not None and not options.greedy:
             sequence.generator = torch.Generator(device=device).manual_seed(options.seed)
         if options.presence_penalty or options.frequency_penalty:
@@ -110,10 +110,7 @@ class Engine:
         switch = self.model.recompute_at
         if switch is not None and 0 < reused <= switch < prompt_len:
             reused = 0  # kept with longrope's short tables, which a prompt this long no longer uses
-        row = self.cache.rows(slice(index, index + 1))
-        for layer in row.layers:
-            layer.length = reused
-        sequence.logits = advance(self.model, history, row, prompt_len)
+        sequence.logits = advance(self.model, history, self.cache.rows(slice(index, index + 1), reused), prompt_len)
         self.reused_tokens += reused
         self.running.append(sequence)
         self._note_lengths()
@@ -175,26 +172,22 @@ class Engine:
         last step sit behind them with their prefill's logits (a step consumes every row's logits)."""
         assert self.running[: len(sequences)] == sequences
         switch = self.model.recompute_at
-        if switch is not None and any(s.length <= switch < s.length + 1 for s in sequences):
+        if switch is not None and any(s.length == switch for s in sequences):
             # a row reaches a longrope model's original length: this step runs row by row, and that row whole
             # again with the long tables (generate.advance)
             for row, sequence in enumerate(sequences):
-                view = self.cache.rows(slice(row, row + 1))
-                for layer in view.layers:
-                    layer.length = sequence.length
+                view = self.cache.rows(slice(row, row + 1), sequence.length)
                 sequence.logits = advance(self.model, sequence.history, view, sequence.length + 1)
                 sequence.length += 1
             self._note_lengths()
             return
         tokens = torch.stack([s.history[0, s.length] for s in sequences]).view(-1, 1)
         positions = [s.length for s in sequences]
-        view = self.cache.rows(slice(0, len(sequences)))
         if len(set(positions)) == 1:  # all at one position: the ordinary path (and the whole-layer kernels)
-            for layer in view.layers:
-                layer.length = positions[0]
-            logits = self.model(tokens, view)
+            logits = self.model(tokens, self.cache.rows(slice(0, len(sequences)), positions[0]))
         else:
-            logits = self.model(tokens, view, positions=torch.tensor(positions, device=self.model.device))
+            logits = self.model(tokens, self.cache.rows(slice(0, len(sequences))),
+                                positions=torch.tensor(positions, device=self.model.device))
         for row, sequence in enumerate(sequences):
             sequence.logits = logits[row : row + 1, -1].float()
             sequence.length += 1
