@@ -414,7 +414,7 @@ def convert(
     check_gguf_counts(source)  # refused before saying "converting"
     target = Path(output).expanduser() if output else writable_models_dir() / gguf_stem(source.name)
     refuse_existing(target, force)
-    print(f"localgpt: converting {source} → {target}", file=sys.stderr)
+    say(f"converting {source} → {target}")
     convert_gguf(source, target, dtype=dtype, force=force)
     print(target)
 
@@ -468,14 +468,14 @@ def quantize(
     source = resolve(model)
     target = Path(output).expanduser() if output else writable_models_dir() / f"{model_name(source)}-{spec.suffix}"
     refuse_existing(target, force)
-    print(f"localgpt: quantizing {source} → {target}", file=sys.stderr)
+    say(f"quantizing {source} → {target}")
     interrupts.marker("loading")
     loaded = load_model(source, dtype=compute_dtype, device=device, quantize=flag, skip=skip,
                         int8_threshold=int8_threshold, backend=None)
     interrupts.marker("writing")
     write_quantized(loaded.model, source, target, force=force)
-    print(f"localgpt: {loaded.model.quantization.label}, {human_size(folder_size(source))} → "
-          f"{human_size(folder_size(target))}", file=sys.stderr)
+    say(f"{loaded.model.quantization.label}, {human_size(folder_size(source))} → "
+        f"{human_size(folder_size(target))}")
     print(target)
 
 
@@ -545,17 +545,15 @@ def bench(
     folder = resolve(model)
     workload = dict(prompt_tokens=prompt_tokens, new_tokens=new_tokens, repeats=repeats)
     bandwidth = memory_bandwidth()
-    print(f"localgpt: benchmarking {folder.name}, {prompt_tokens} prompt tokens, {new_tokens} new, best of {repeats}",
-          file=sys.stderr)
+    say(f"benchmarking {folder.name}, {prompt_tokens} prompt tokens, {new_tokens} new, best of {repeats}")
     if compile_step:
-        print("localgpt: compiling the decode step first, unless the native kernels run here (about a minute on a "
-              "cold cache)", file=sys.stderr)
+        say("compiling the decode step first, unless the native kernels run here (about a minute on a "
+            "cold cache)")
     results = [measure("localgpt", model=folder, dtype=dtype, quantize=quantize, compile=compile_step, **workload)]
     if compile_step and not results[0].compile_s:
-        print("localgpt: --compile skipped: the native kernels decode faster than a compiled step here",
-              file=sys.stderr)
+        say("--compile skipped: the native kernels decode faster than a compiled step here")
     for name in compare:
-        print(f"localgpt: running {name}", file=sys.stderr)
+        say(f"running {name}")
         if name == "transformers":
             results.append(measure(name, model=folder, dtype=results[0].compute_dtype, quantize=quantize, **workload))
         else:
@@ -746,8 +744,7 @@ def chat(
         session.system = system if system is not None else earlier["system"]
         session.resume(messages_of(earlier), earlier["id"])
         replies = len(earlier['responses'])
-        print(f"localgpt: continuing conversation {earlier['id']} ({replies} {'reply' if replies == 1 else 'replies'})",
-              file=sys.stderr)
+        say(f"continuing conversation {earlier['id']} ({replies} {'reply' if replies == 1 else 'replies'})")
     if log is not None:
         name = model_name(loaded.path)
         session.on_reply = lambda chat, prompt, reply, final: log.record(

@@ -446,7 +446,7 @@ def create_app(loaded, worker: Worker, model_id: str, api_key: str | None = None
             choices = [Choice(i, choices[0].request) for i in range(n)]
         return Job(choices, beams, asyncio.get_running_loop())
 
-    async def run_job(job: Job, request: HTTPRequest, stop: tuple[str, ...], on_delta):
+    async def run_job(job: Job, stop: tuple[str, ...], on_delta):
         """Feed the job's tokens through a text layer per choice, calling on_delta(index, text, event, finish)
         as they come; returns each choice's completion-token count."""
         texts = [TextStream(tokenizer, stop) for _ in job.choices]
@@ -605,7 +605,7 @@ def create_app(loaded, worker: Worker, model_id: str, api_key: str | None = None
                 if finish is not None:
                     finishes[index] = finish
 
-            counts = await run_job(job, request, stop, collect)
+            counts = await run_job(job, stop, collect)
             choices = []
             for index, text in enumerate(texts):
                 choice: dict[str, Any] = {"index": index, "finish_reason": finishes[index]}
@@ -650,7 +650,7 @@ def create_app(loaded, worker: Worker, model_id: str, api_key: str | None = None
             if chat:
                 yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
                              for i in range(len(job.choices))])
-            runner = asyncio.ensure_future(run_job(job, request, stop, send))
+            runner = asyncio.ensure_future(run_job(job, stop, send))
             try:
                 while not (runner.done() and outgoing.empty()):
                     getter = asyncio.ensure_future(outgoing.get())
