@@ -169,11 +169,50 @@ def test_default_model_without_hub_access(tmp_path):
     assert '"SmolLM2-135M-Instruct"' in listed.stdout
 
 
+# transformers' layer module names → llama.cpp's (Phi-3's fused ones included)
+GGUF_LAYER_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
+                    "post_attention_layernorm": "ffn_norm", "self_attn.qkv_proj": "attn_qkv",
+                    "mlp.gate_up_proj": "ffn_up"}
+
+
+def gguf_writer(path: Path, arch: str, config: dict):
+    """A GGUFWriter with the model's shape as llama.cpp's converter writes it (Gemma 3: its global rope base)."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(config["num_attention_heads"])
+    writer.add_head_count_kv(config["num_key_value_heads"])
+    rope = config["rope_parameters"]
+    writer.add_rope_freq_base((rope.get("full_attention") or rope)["rope_theta"])
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    return writer
+
+
+def gguf_tensor_name(name: str, layer_names: dict) -> str:
+    """transformers' tensor name → llama.cpp's."""
+    top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+           "lm_head.weight": "output.weight"}
+    if name in top:
+        return top[name]
+    _, _, index, *module, kind = name.split(".")
+    return f"blk.{index}.{layer_names['.'.join(module)]}.{kind}"
+
+
+def finish_gguf(writer) -> None:
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 def write_qwen2_gguf(path: Path, folder: Path) -> None:
     """A GGUF of a tiny random transformers Qwen2 model, written the way llama.cpp's converter lays it out."""
-    import json
-
-    import gguf
     from safetensors.torch import load_file
 
     config = json.loads((folder / "config.json").read_text())
@@ -183,15 +222,7 @@ def write_qwen2_gguf(path: Path, folder: Path) -> None:
     tokens = [token for token, _ in vocab]
     tokens += [f"[PAD{i}]" for i in range(len(tokens), config["vocab_size"])]
     merges = [m if isinstance(m, str) else " ".join(m) for m in tokenizer["model"]["merges"]]
-    writer = gguf.GGUFWriter(str(path), "qwen2")
-    writer.add_block_count(config["num_hidden_layers"])
-    writer.add_context_length(config["max_position_embeddings"])
-    writer.add_embedding_length(config["hidden_size"])
-    writer.add_feed_forward_length(config["intermediate_size"])
-    writer.add_head_count(config["num_attention_heads"])
-    writer.add_head_count_kv(config["num_key_value_heads"])
-    writer.add_rope_freq_base(config["rope_parameters"]["rope_theta"])
-    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer = gguf_writer(path, "qwen2", config)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("qwen2")
     writer.add_token_list(tokens)
@@ -199,24 +230,9 @@ def write_qwen2_gguf(path: Path, folder: Path) -> None:
     writer.add_token_merges(merges)
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
-    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
     for name, tensor in load_file(folder / "model.safetensors").items():
-        if name == "model.embed_tokens.weight":
-            target = "token_embd.weight"
-        elif name == "model.norm.weight":
-            target = "output_norm.weight"
-        elif name == "lm_head.weight":
-            target = "output.weight"
-        else:
-            _, _, index, *module, kind = name.split(".")
-            target = f"blk.{index}.{names['.'.join(module)]}.{kind}"
-        writer.add_tensor(target, tensor.float().numpy())
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+        writer.add_tensor(gguf_tensor_name(name, GGUF_LAYER_NAMES), tensor.float().numpy())
+    finish_gguf(writer)
 
 
 @torch.no_grad()
@@ -346,9 +362,6 @@ def write_llama_sentencepiece_gguf(path: Path, folder: Path, arch: str = "llama"
     (tokenizer.ggml.model = llama, scores and no merges, byte tokens for the fallback), laid out as llama.cpp's
     converter does (Llama's q/k rows permuted; Phi-3's projections fused as attn_qkv and ffn_up). Returns the
     vocabulary."""
-    import json
-
-    import gguf
     from safetensors.torch import load_file
 
     config = json.loads((folder / "config.json").read_text())
@@ -365,16 +378,8 @@ def write_llama_sentencepiece_gguf(path: Path, folder: Path, arch: str = "llama"
     tokens += [f"\u2581unused{i}" for i in range(config["vocab_size"] - len(tokens))]
     types = [2, 3, 3] + [6] * 256 + [1] * (len(tokens) - 259)
     scores = [0.0] * 259 + [-float(i) for i in range(len(tokens) - 259)]
-    writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_block_count(config["num_hidden_layers"])
-    writer.add_context_length(config["max_position_embeddings"])
-    writer.add_embedding_length(config["hidden_size"])
-    writer.add_feed_forward_length(config["intermediate_size"])
-    writer.add_head_count(config["num_attention_heads"])
-    writer.add_head_count_kv(config["num_key_value_heads"])
+    writer = gguf_writer(path, arch, config)
     rope = config["rope_parameters"]
-    writer.add_rope_freq_base((rope.get("full_attention") or rope)["rope_theta"])  # Gemma 3: the global one
-    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     if config.get("sliding_window"):
         writer.add_sliding_window(config["sliding_window"])
     if rope.get("rope_type") == "longrope":  # as llama.cpp writes Phi-3's: factors as tensors
@@ -390,10 +395,7 @@ def write_llama_sentencepiece_gguf(path: Path, folder: Path, arch: str = "llama"
     writer.add_unk_token_id(0)
     writer.add_pad_token_id(0)  # (Phi3Config's default pad id, 32000, lies outside this vocabulary)
     writer.add_add_bos_token(True)
-    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-             "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"}
+    names = dict(GGUF_LAYER_NAMES)
     if arch == "gemma3":
         names |= {"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
                   "post_feedforward_layernorm": "post_ffw_norm", "self_attn.q_norm": "attn_q_norm",
@@ -402,27 +404,13 @@ def write_llama_sentencepiece_gguf(path: Path, folder: Path, arch: str = "llama"
         writer.add_value_length(config["head_dim"])
     for name, tensor in load_file(folder / "model.safetensors").items():
         values = tensor.float().numpy()
-        if name == "model.embed_tokens.weight":
-            target = "token_embd.weight"
-        elif name == "model.norm.weight":
-            target = "output_norm.weight"
-            values = values + 1.0 if arch == "gemma3" else values
-        elif name == "lm_head.weight":
-            target = "output.weight"
-        else:
-            _, _, index, *module, kind = name.split(".")
-            target = f"blk.{index}.{names['.'.join(module)]}.{kind}"
-            if arch == "gemma3" and module[-1].endswith("norm"):
-                values = values + 1.0  # llama.cpp writes Gemma's (1 + w) as its sum
-            if arch == "llama" and module[-1] in ("q_proj", "k_proj"):  # llama.cpp's row permutation for rope
-                heads = config["num_attention_heads" if module[-1] == "q_proj" else "num_key_value_heads"]
-                values = values.reshape(heads, 2, values.shape[0] // heads // 2, -1).swapaxes(1, 2).reshape(
-                    values.shape)
-        writer.add_tensor(target, np.ascontiguousarray(values))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+        if arch == "gemma3" and name.endswith("norm.weight"):
+            values = values + 1.0  # llama.cpp writes Gemma's (1 + w) as its sum
+        if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):  # llama.cpp's rope row order
+            heads = config["num_attention_heads" if "q_proj" in name else "num_key_value_heads"]
+            values = values.reshape(heads, 2, values.shape[0] // heads // 2, -1).swapaxes(1, 2).reshape(values.shape)
+        writer.add_tensor(gguf_tensor_name(name, names), np.ascontiguousarray(values))
+    finish_gguf(writer)
     return tokens
 
 
