@@ -217,6 +217,11 @@ class Transformer(nn.Module):
         # The rotary tables the layers use, by name ("global", and "local" for models with a second base).
         self.rotary = {name: RotaryTables(config.rope_for(name), config.head_dim, config.max_position_embeddings)
                        for name in sorted({layer.rope for layer in self.layers if layer.rope})}
+        # A length at which the whole sequence is run again, read by every generation step (longrope: past its
+        # original length the tables change for every position, and transformers' Phi-3 drops its cache there).
+        switches = [t.rope.original_max_position_embeddings for t in self.rotary.values()
+                    if t.rope.rope_type == "longrope"]
+        self.recompute_at: int | None = min(switches) if switches else None
         self.compiled_step = None  # torch.compile of `run` for one-token steps (localgpt.compiled)
         self.backend = None  # what localgpt.backends.install put in place, if anything
 
@@ -259,14 +264,6 @@ class Transformer(nn.Module):
         if self.compiled_step is not None and input_ids.shape[1] == 1:
             return self.compiled_step(input_ids, ropes, cache, start, last_only)
         return self.run(input_ids, ropes, cache, start, last_only)
-
-    @property
-    def recompute_at(self) -> int | None:
-        """A length at which the whole sequence is run again (longrope: past its original length the tables
-        change for every position, and transformers' Phi-3 drops its cache there to recompute with them)."""
-        lengths = [t.rope.original_max_position_embeddings for t in self.rotary.values()
-                   if t.rope.rope_type == "longrope"]
-        return min(lengths) if lengths else None
 
     def rope_tables(self, start: int, length: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Every rotary table the layers use, for positions [start, start+length), by name (rope.py)."""
