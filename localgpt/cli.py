@@ -431,6 +431,10 @@ def quantize(
         None, "--skip", help="Comma-separated module names kept unquantized. Default: lm_head for 8-bit; "
         "lm_head,q_proj,k_proj,v_proj,qkv_proj for 4-bit (half the quality loss for ~20% more size).",
     ),
+    quantize_head: bool = typer.Option(
+        False, "--quantize-head", help="Quantize the output head too (for a tied one, a quantized copy of the "
+        "embedding, which stays as it is): the largest matrix of a small model, read at every token.",
+    ),
     int8_threshold: float | None = typer.Option(
         None, "--int8-threshold",
         help="8-bit: input columns above this run in float16. Default 1.5 (transformers' default: 6.0).",
@@ -443,9 +447,8 @@ def quantize(
 ):
     """Write an 8-bit or 4-bit copy of a model through bitsandbytes (needs localgpt-cli[quant]).
 
-    On CPU quantization is for memory, not speed: bitsandbytes' CPU kernels dequantize inside every product, so
-    8-bit decodes at about 40% of float32's speed, 4-bit at about 60% of bfloat16's, and both read prompts
-    several times slower (docs/quantization.md). On CUDA they save memory at a small cost in speed. The folder
+    On CPU localgpt's own kernels decode these folders as bitsandbytes stores them, reading 1 or 1/2 byte per
+    weight, so they decode faster than float32 (docs/benchmarks.md); on CUDA bitsandbytes runs them. The folder
     loads in localgpt and in transformers.
     """
     from pathlib import Path
@@ -454,7 +457,7 @@ def quantize(
     from localgpt.hub import human_size, resolve
     from localgpt.inventory import folder_size
     from localgpt.paths import writable_models_dir
-    from localgpt.quantize import DEFAULT_INT8_THRESHOLD, load_bitsandbytes, parse_spec, write_quantized
+    from localgpt.quantize import DEFAULT_INT8_THRESHOLD, DEFAULT_SKIP, load_bitsandbytes, parse_spec, write_quantized
     from localgpt.weights import choose_device, load_model
 
     if bits not in (4, 8):
@@ -462,6 +465,9 @@ def quantize(
     if quant_type not in ("nf4", "fp4"):
         raise UsageError(f"--type must be nf4 or fp4, not {quant_type!r}")
     flag = "8" if bits == 8 else quant_type
+    if quantize_head:
+        kept = DEFAULT_SKIP[bits] if skip is None else tuple(name.strip() for name in skip.split(","))
+        skip = ",".join(name for name in kept if name and name != "lm_head")
     int8_threshold = DEFAULT_INT8_THRESHOLD if int8_threshold is None else int8_threshold
     spec = parse_spec(flag, compute_dtype, skip, threshold=int8_threshold)
     load_bitsandbytes(choose_device(device))  # a missing bitsandbytes is said before any work starts

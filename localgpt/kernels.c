@@ -272,7 +272,7 @@ int lg_has_bf16_dot(void) {
                     _mm512_dpbf16_ps(acc[m][0], (__m512bh)_mm512_maskz_loadu_epi16(k, xr + m * K + i), (__m512bh)w0); \
         }                                                                                                        \
         for (int m = 0; m < MB; m++)                                                                             \
-            yr[m * N + n] = round_to_bf16_scalar(_mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1])));             \
+            yr[m * N + n] = round_to_bf16_scalar(_mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1])));         \
     }
 #else
 #define BF16_ROW(MB) VEC_ROW(MB, uint16_t, vload_bf16, vload_bf16_n, round_to_bf16_scalar)
@@ -440,7 +440,7 @@ void lg_rms_norm_bf16(const uint16_t *x, const uint16_t *w, uint16_t *out, int64
  * model.apply_rope), rounded after each product and the sum as torch rounds them in bfloat16 (compiled with
  * -ffp-contract=off, so float32 rounds the same way too). Why: it replaces a dozen small torch ops per layer. */
 /* NAME##_rows: row b at its own position, writing slot slots[b] with its own tables (cos + b * table_stride). */
-#define ROPE_WRITE(NAME, T, TO_FLOAT, ROUND, STORE)                                                                   \
+#define ROPE_WRITE(NAME, T, TO_FLOAT, ROUND, STORE)                                                                  \
     static void NAME##_impl(const T *qkv, const T *tables_cos, const T *tables_sin, int64_t table_stride,         \
                             T *q_out, T *cache_k, T *cache_v, int64_t B, int64_t h, int64_t g, int64_t hd,      \
                             int64_t cache_batch_stride, int64_t cache_head_stride, const int64_t *slots,        \
@@ -504,20 +504,265 @@ static inline vf keep_f32(vf value) { return value; }
 SILU_MUL(lg_silu_mul_f32, float, load_f32, store_f32, keep_f32)
 SILU_MUL(lg_silu_mul_bf16, uint16_t, load_bf16, store_bf16, vround_bf16)
 
+/* Products with bitsandbytes' quantized weights, read as its checkpoints and modules store them:
+ * - 8-bit (Int8Params): w int8 (N, K) and one float32 scale per row, SCB: W[n, k] = w[n, k] SCB[n] / 127;
+ * - 4-bit (Params4bit): the N K values in order, two per byte (the first in the high nibble), each block of 64
+ *   consecutive values scaled by one float32 absmax: W = code[nibble] absmax[block], code being the 16-value nf4 or
+ *   fp4 map (double quantization's 8-bit absmax are widened to float32 once, when the model loads).
+ * y = x · Wᵀ is bitsandbytes' dequantize-then-matmul in float32 without ever making W: weights widen in registers
+ * (the 16-entry code is one register, the lookup a permute) and the scale applies once per row (8-bit) or per
+ * block (4-bit). x is float32 or bfloat16 (widened once per call into a float32 copy); y is in x's dtype.
+ * Why: on CPU bitsandbytes dequantizes the whole weight inside every product, so its quantized models decode slower
+ * than float32; these stream 1 or 1/2 byte per weight where float32 streams 4. */
+#if VL == 16
+typedef __m512i vi;
+typedef __m512 vcode;
+static inline vf vload_i8(const int8_t *p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+}
+static inline vi vload_bytes(const uint8_t *p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p)); }
+static inline vi vhigh_nibbles(vi bytes) { return _mm512_srli_epi32(bytes, 4); }
+static inline vcode vload_code(const float *code) { return _mm512_loadu_ps(code); }
+static inline vf vlookup(vcode code, vi index) { return _mm512_permutexvar_ps(index, code); } /* low 4 bits */
+static inline vi vload_words(const uint8_t *p) { return _mm512_loadu_si512(p); }
+static inline vf vlookup_at(vcode code, vi words, int shift) { /* the permute reads only the low 4 bits */
+    return _mm512_permutexvar_ps(_mm512_srli_epi32(words, shift), code);
+}
+static inline vf vgroup_scales(const float *absmax, int64_t group) { /* 128 values: lanes 0-7 then 8-15 */
+    __m512d low = _mm512_castps_pd(_mm512_set1_ps(absmax[2 * group]));
+    return _mm512_castpd_ps(_mm512_insertf64x4(low, _mm256_castps_pd(_mm256_set1_ps(absmax[2 * group + 1])), 1));
+}
+#elif VL == 8
+typedef __m256i vi;
+typedef struct { __m256 low, high; } vcode;
+static inline vf vload_i8(const int8_t *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+static inline vi vload_bytes(const uint8_t *p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)); }
+static inline vi vhigh_nibbles(vi bytes) { return _mm256_srli_epi32(bytes, 4); }
+static inline vcode vload_code(const float *code) { return (vcode){_mm256_loadu_ps(code), _mm256_loadu_ps(code + 8)}; }
+static inline vf vlookup(vcode code, vi index) { /* two 8-entry permutes (low 3 bits), bit 3 picks between them */
+    __m256 low = _mm256_permutevar8x32_ps(code.low, index), high = _mm256_permutevar8x32_ps(code.high, index);
+    return _mm256_blendv_ps(low, high, _mm256_castsi256_ps(_mm256_slli_epi32(index, 28)));
+}
+static inline vi vload_words(const uint8_t *p) { return _mm256_loadu_si256((const __m256i *)p); }
+static inline vf vlookup_at(vcode code, vi words, int shift) { /* bit shift + 3 into the sign bit for the blend */
+    vi index = _mm256_srli_epi32(words, shift);
+    __m256 low = _mm256_permutevar8x32_ps(code.low, index), high = _mm256_permutevar8x32_ps(code.high, index);
+    return _mm256_blendv_ps(low, high, _mm256_castsi256_ps(_mm256_slli_epi32(words, 28 - shift)));
+}
+static inline vf vgroup_scales(const float *absmax, int64_t group) { return vset(absmax[group]); } /* 64 values */
+#else
+typedef uint32x4_t vi;
+typedef const float *vcode;
+static inline vf vload_i8(const int8_t *p) { /* 4 bytes, not 8: the last row's last load must not read past it */
+    int32_t bits;
+    __builtin_memcpy(&bits, p, 4);
+    int16x8_t wide = vmovl_s8(vreinterpret_s8_s32(vdup_n_s32(bits)));
+    return vcvtq_f32_s32(vmovl_s16(vget_low_s16(wide)));
+}
+static inline vi vload_bytes(const uint8_t *p) {
+    uint32_t bits;
+    __builtin_memcpy(&bits, p, 4);
+    return vmovl_u16(vget_low_u16(vmovl_u8(vreinterpret_u8_u32(vdup_n_u32(bits)))));
+}
+static inline vi vhigh_nibbles(vi bytes) { return vshrq_n_u32(bytes, 4); }
+static inline vcode vload_code(const float *code) { return code; }
+static inline vf vlookup(vcode code, vi index) { /* NEON has no float permute: four table reads */
+    float lanes[4] = {code[vgetq_lane_u32(index, 0) & 15], code[vgetq_lane_u32(index, 1) & 15],
+                      code[vgetq_lane_u32(index, 2) & 15], code[vgetq_lane_u32(index, 3) & 15]};
+    return vld1q_f32(lanes);
+}
+static inline vi vload_words(const uint8_t *p) { return vld1q_u32((const uint32_t *)p); }
+static inline vf vlookup_at(vcode code, vi words, int shift) {
+    return vlookup(code, vshlq_u32(words, vdupq_n_s32(-shift))); /* a negative left shift is a right shift */
+}
+static inline vf vgroup_scales(const float *absmax, int64_t group) { return vset(absmax[group / 2]); } /* 32 */
+#endif
+
+#define Q4_BLOCK 64                 /* values per absmax: bitsandbytes' 4-bit blocksize */
+static const float INT8_SCALE = 7.874015718698502e-3f; /* 1 / 127, the constant bitsandbytes multiplies by */
+
+/* One weight row n of 8-bit values against MB rows of x (float32, K apart). */
+#define Q8_ROW(MB)                                                                                               \
+    {                                                                                                            \
+        vf acc[MB][2];                                                                                           \
+        float tail[MB];                                                                                          \
+        for (int m = 0; m < MB; m++) acc[m][0] = acc[m][1] = vzero(), tail[m] = 0;                               \
+        const int8_t *wr = w + n * K;                                                                            \
+        int64_t i = 0;                                                                                           \
+        for (; i + 2 * VL <= K; i += 2 * VL) {                                                                   \
+            vf w0 = vload_i8(wr + i), w1 = vload_i8(wr + i + VL);                                                \
+            for (int m = 0; m < MB; m++) {                                                                       \
+                acc[m][0] = vfma(vload(xr + m * K + i), w0, acc[m][0]);                                          \
+                acc[m][1] = vfma(vload(xr + m * K + i + VL), w1, acc[m][1]);                                     \
+            }                                                                                                    \
+        }                                                                                                        \
+        for (; i < K; i++)                                                                                       \
+            for (int m = 0; m < MB; m++) tail[m] += xr[m * K + i] * (float)wr[i];                                \
+        float row_scale = scale[n] * INT8_SCALE;                                                                 \
+        for (int m = 0; m < MB; m++) yr[m * N + n] = (vsum(vadd(acc[m][0], acc[m][1])) + tail[m]) * row_scale;  \
+    }
+
+/* One weight row n of 4-bit values against MB rows of x. The row is read in groups of 8 VL values, VL 32-bit
+ * words of 8 nibbles each: the nibble at bit 4 s of every word is one vector of weights, so a group costs one load
+ * and 8 lookups (shifts, no byte shuffles). Word j holds values 8 j .. 8 j + 7 of its group, the first of each byte
+ * in the high nibble, so nibble s is value 8 j + (s ^ 1): x's copy is reordered to match (widened_rows).
+ * A row whose length is not whole groups (AVX-512: 576 = 4.5 x 128) ends with its last 64-value blocks read VL bytes
+ * at a time, the high nibbles (VL even values) then the low ones (VL odd values). */
+#define Q4_GROUP (8 * VL)
+#define Q4_ROW(MB)                                                                                               \
+    {                                                                                                            \
+        vf acc[MB];                                                                                              \
+        for (int m = 0; m < MB; m++) acc[m] = vzero();                                                           \
+        const uint8_t *wr = w + n * (K / 2);                                                                     \
+        const float *row_absmax = scale + n * (K / Q4_BLOCK);                                                    \
+        int64_t groups = K / Q4_GROUP;                                                                           \
+        for (int64_t group = 0; group < groups; group++) {                                                       \
+            vi words = vload_words(wr + group * (Q4_GROUP / 2));                                                 \
+            vf sum[MB][2];                                                                                       \
+            for (int m = 0; m < MB; m++) sum[m][0] = sum[m][1] = vzero();                                        \
+            const float *xp = xr + group * Q4_GROUP;                                                             \
+            for (int s = 0; s < 8; s += 2) {                                                                     \
+                vf w0 = vlookup_at(code, words, 4 * s), w1 = vlookup_at(code, words, 4 * s + 4);                 \
+                for (int m = 0; m < MB; m++) {                                                                   \
+                    sum[m][0] = vfma(vload(xp + m * K + s * VL), w0, sum[m][0]);                                 \
+                    sum[m][1] = vfma(vload(xp + m * K + (s + 1) * VL), w1, sum[m][1]);                           \
+                }                                                                                                \
+            }                                                                                                    \
+            vf scales = vgroup_scales(row_absmax, group);                                                        \
+            for (int m = 0; m < MB; m++) acc[m] = vfma(vadd(sum[m][0], sum[m][1]), scales, acc[m]);              \
+        }                                                                                                        \
+        for (int64_t block = groups * Q4_GROUP / Q4_BLOCK; block < K / Q4_BLOCK; block++) {                      \
+            vf high[MB], low[MB];                                                                                \
+            for (int m = 0; m < MB; m++) high[m] = low[m] = vzero();                                             \
+            for (int64_t j = 0; j < Q4_BLOCK; j += 2 * VL) {                                                     \
+                vi bytes = vload_bytes(wr + (block * Q4_BLOCK + j) / 2);                                         \
+                vf even = vlookup(code, vhigh_nibbles(bytes)), odd = vlookup(code, bytes);                       \
+                const float *xp = xr + block * Q4_BLOCK + j;                                                     \
+                for (int m = 0; m < MB; m++) {                                                                   \
+                    high[m] = vfma(vload(xp + m * K), even, high[m]);                                            \
+                    low[m] = vfma(vload(xp + m * K + VL), odd, low[m]);                                          \
+                }                                                                                                \
+            }                                                                                                    \
+            vf block_scale = vset(row_absmax[block]);                                                            \
+            for (int m = 0; m < MB; m++) acc[m] = vfma(vadd(high[m], low[m]), block_scale, acc[m]);              \
+        }                                                                                                        \
+        for (int m = 0; m < MB; m++) yr[m * N + n] = vsum(acc[m]);                                               \
+    }
+
+/* x (M, K) in float32 for the quantized rows: a copy where x is bfloat16 or the 4-bit order needs one. */
+static float *widened_rows(const void *x, int bf16, int deinterleave, int64_t M, int64_t K) {
+    if (!bf16 && !deinterleave) return (float *)x;
+    float *out = malloc(sizeof(float) * M * K);
+    if (!out) return NULL;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t k = 0; k < K; k++) {
+            float value = bf16 ? bf16_to_float(((const uint16_t *)x)[m * K + k]) : ((const float *)x)[m * K + k];
+            int64_t at = k;
+            if (deinterleave && k < K / Q4_GROUP * Q4_GROUP) { /* a whole group: value 8 j + (s ^ 1) → s VL + j */
+                int64_t group = k / Q4_GROUP * Q4_GROUP, offset = k % Q4_GROUP;
+                at = group + (offset % 8 ^ 1) * VL + offset / 8;
+            } else if (deinterleave) { /* the last blocks: per 2 VL values, the even ones then the odd ones */
+                int64_t group = k / (2 * VL) * (2 * VL), offset = k % (2 * VL);
+                at = group + (offset % 2) * VL + offset / 2;
+            }
+            out[m * K + at] = value;
+        }
+    return out;
+}
+
+/* Rows of products into float32 y (M, N); 4-bit needs K a multiple of 64 (native.py checks). */
+#define QUANTIZED_LINEAR(NAME, WT, ROW, DEINTERLEAVE)                                                            \
+    static int NAME(const void *x, int bf16, const WT *w, const float *scale, const float *code_values,         \
+                    float *y, int64_t M, int64_t K, int64_t N) {                                                 \
+        const float *xs = widened_rows(x, bf16, DEINTERLEAVE, M, K);                                             \
+        if (!xs) return -1;                                                                                      \
+        (void)code_values;                                                                                       \
+        _Pragma("omp parallel") {                                                                                \
+            int t = omp_get_thread_num(), threads = omp_get_num_threads();                                      \
+            int64_t n0 = N * t / threads, n1 = N * (t + 1) / threads;                                           \
+            vcode code = vload_code(code_values ? code_values : (const float[16]){0});                          \
+            (void)code;                                                                                          \
+            for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {                                                      \
+                const float *xr = xs + m0 * K;                                                                   \
+                float *yr = y + m0 * N;                                                                          \
+                for (int64_t n = n0; n < n1; n++) switch (M - m0 < MAX_ROWS ? M - m0 : MAX_ROWS) {               \
+                    case 1: ROW(1) break;                                                                        \
+                    case 2: ROW(2) break;                                                                        \
+                    case 3: ROW(3) break;                                                                        \
+                    default: ROW(4) break;                                                                       \
+                    }                                                                                            \
+            }                                                                                                    \
+        }                                                                                                        \
+        if ((const void *)xs != x) free((void *)xs);                                                             \
+        return 0;                                                                                                \
+    }
+QUANTIZED_LINEAR(linear_q8, int8_t, Q8_ROW, 0)
+QUANTIZED_LINEAR(linear_q4, uint8_t, Q4_ROW, 1)
+
+/* The entry points, by the dtype of x and y: float32 y is written in place, bfloat16 y through a float32 copy. */
+#define QUANTIZED_ENTRY(NAME, IMPL, WT, T, BF16)                                                                 \
+    int NAME(const T *x, const WT *w, const float *scale, const float *code, T *y, int64_t M, int64_t K,        \
+             int64_t N) {                                                                                        \
+        float *out = BF16 ? malloc(sizeof(float) * M * N) : (float *)y;                                          \
+        if (!out) return -1;                                                                                     \
+        int status = IMPL(x, BF16, w, scale, code, out, M, K, N);                                                \
+        if (BF16) {                                                                                              \
+            for (int64_t i = 0; i < M * N; i++) ((uint16_t *)y)[i] = round_to_bf16_scalar(out[i]);             \
+            free(out);                                                                                           \
+        }                                                                                                        \
+        return status;                                                                                           \
+    }
+QUANTIZED_ENTRY(lg_linear_q8_f32, linear_q8, int8_t, float, 0)
+QUANTIZED_ENTRY(lg_linear_q8_bf16, linear_q8, int8_t, uint16_t, 1)
+QUANTIZED_ENTRY(lg_linear_q4_f32, linear_q4, uint8_t, float, 0)
+QUANTIZED_ENTRY(lg_linear_q4_bf16, linear_q4, uint8_t, uint16_t, 1)
+
+/* The whole weight (N, K) in float32 or bfloat16 for products of many rows (a prompt), computed exactly as
+ * bitsandbytes' int8_vectorwise_dequant and dequantize_4bit compute it (one rounding of the float32 value). */
+#define DEQUANTIZE(SUFFIX, T, STORE_ONE)                                                                         \
+    void lg_dequantize_q8_##SUFFIX(const int8_t *w, const float *scb, T *out, int64_t N, int64_t K) {           \
+        _Pragma("omp parallel for") for (int64_t n = 0; n < N; n++) for (int64_t k = 0; k < K; k++)              \
+            out[n * K + k] = STORE_ONE((float)w[n * K + k] * scb[n] * INT8_SCALE);                               \
+    }                                                                                                            \
+    void lg_dequantize_q4_##SUFFIX(const uint8_t *w, const float *absmax, const float *code, T *out,            \
+                                   int64_t count) {                                                              \
+        _Pragma("omp parallel for") for (int64_t i = 0; i < count / 2; i++) {                                    \
+            float block_scale = absmax[2 * i / Q4_BLOCK];                                                        \
+            out[2 * i] = STORE_ONE(code[w[i] >> 4] * block_scale);                                               \
+            out[2 * i + 1] = STORE_ONE(code[w[i] & 15] * block_scale);                                           \
+        }                                                                                                        \
+    }
+DEQUANTIZE(f32, float, keep_float)
+DEQUANTIZE(bf16, uint16_t, round_to_bf16_scalar)
+
 /* A whole pre-norm decoder layer (Llama, Mistral, Qwen2, SmolLM: RMSNorm, rotary attention, SiLU-gated MLP) for a
  * one-token step of B rows, composed of the kernels above in exactly the order and roundings of the per-op path
  * (the two give the same bits, tests/test_native.py). Why: on a 135M model, the ~20 calls per layer from Python
  * cost as much as a third of the step; this is one. */
+enum { QKV, O, GATE_UP, DOWN, PROJECTIONS };
 typedef struct {
     const void *input_norm, *qkv, *qkv_bias, *o, *o_bias, *mlp_norm, *gate_up, *gate_up_bias, *down, *down_bias;
     int64_t hidden, heads, kv_heads, head_dim, inner;
     float eps, norm_offset, scale, softcap; /* softcap 0: none */
+    /* per projection (QKV, O, GATE_UP, DOWN): 0 a weight in the layer's dtype, or 8 / 4 a bitsandbytes 8-bit or
+     * 4-bit one with its scales (SCB or absmax) and, for 4-bit, its 16-value code */
+    int64_t bits[PROJECTIONS];
+    const float *scales[PROJECTIONS], *codes[PROJECTIONS];
 } lg_block;
 
 static inline float add_f32(float a, float b) { return a + b; }
 static inline uint16_t add_bf16(uint16_t a, uint16_t b) { return round_to_bf16_scalar(bf16_to_float(a) + bf16_to_float(b)); }
 
 #define DECODER_BLOCK(NAME, T, SUFFIX, ADD)                                                                      \
+    static int project_##SUFFIX(const lg_block *b, int which, const void *w, const T *x, T *y, int64_t M,       \
+                                int64_t K, int64_t N) {                                                          \
+        if (b->bits[which] == 8) return lg_linear_q8_##SUFFIX(x, w, b->scales[which], NULL, y, M, K, N);         \
+        if (b->bits[which] == 4) return lg_linear_q4_##SUFFIX(x, w, b->scales[which], b->codes[which], y, M, K, N); \
+        lg_linear_##SUFFIX(x, w, y, M, K, N);                                                                    \
+        return 0;                                                                                                \
+    }                                                                                                            \
     static void add_bias_##SUFFIX(T *y, const T *bias, int64_t rows, int64_t n) {                                \
         if (bias)                                                                                                \
             for (int64_t r = 0; r < rows; r++)                                                                   \
@@ -536,25 +781,25 @@ static inline uint16_t add_bf16(uint16_t a, uint16_t b) { return round_to_bf16_s
         T *normed = scratch, *qkv = normed + B * D, *q = qkv + B * width, *attended = q + B * h * hd;            \
         T *gate_up = attended + B * h * hd, *act = gate_up + 2 * B * I;                                          \
         lg_rms_norm_##SUFFIX(x, b->input_norm, normed, B, D, b->eps, b->norm_offset);                             \
-        lg_linear_##SUFFIX(normed, b->qkv, qkv, B, D, width);                                                    \
+        int failed = project_##SUFFIX(b, QKV, b->qkv, normed, qkv, B, D, width);                                     \
         add_bias_##SUFFIX(qkv, b->qkv_bias, B, width);                                                           \
         lg_rope_write_##SUFFIX##_impl(qkv, cos, sin, table_stride, q, cache_k, cache_v, B, h, g, hd,             \
                                       cache_batch_stride, cache_head_stride, slots, slot, rotate);               \
         int status = lg_attention_##SUFFIX##_impl(q, cache_k + first * hd, cache_v + first * hd, attended, B, h, \
                                                   g, count, firsts, counts, hd, h * hd, hd, cache_batch_stride,  \
                                                   cache_head_stride, b->scale, b->softcap);                       \
-        lg_linear_##SUFFIX(attended, b->o, out, B, h * hd, D);                                                   \
+        failed |= project_##SUFFIX(b, O, b->o, attended, out, B, h * hd, D);                                         \
         add_bias_##SUFFIX(out, b->o_bias, B, D);                                                                 \
         for (int64_t i = 0; i < B * D; i++) out[i] = ADD(x[i], out[i]); /* the residual */                       \
         lg_rms_norm_##SUFFIX(out, b->mlp_norm, normed, B, D, b->eps, b->norm_offset);                             \
-        lg_linear_##SUFFIX(normed, b->gate_up, gate_up, B, D, 2 * I);                                            \
+        failed |= project_##SUFFIX(b, GATE_UP, b->gate_up, normed, gate_up, B, D, 2 * I);                            \
         add_bias_##SUFFIX(gate_up, b->gate_up_bias, B, 2 * I);                                                   \
         lg_silu_mul_##SUFFIX(gate_up, act, B, I);                                                                \
-        lg_linear_##SUFFIX(act, b->down, normed, B, I, D);                                                       \
+        failed |= project_##SUFFIX(b, DOWN, b->down, act, normed, B, I, D);                                          \
         add_bias_##SUFFIX(normed, b->down_bias, B, D);                                                           \
         for (int64_t i = 0; i < B * D; i++) out[i] = ADD(out[i], normed[i]);                                     \
         free(scratch);                                                                                           \
-        return status;                                                                                           \
+        return status | failed;                                                                                  \
     }                                                                                                            \
     int NAME(const lg_block *b, const T *x, T *out, const T *cos, const T *sin, T *cache_k, T *cache_v,          \
              int64_t cache_batch_stride, int64_t cache_head_stride, int64_t B, int64_t slot, int64_t first,      \

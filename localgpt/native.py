@@ -48,6 +48,7 @@ COMPILE_FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shar
 MASK_VARIABLE = "LOCALGPT_CPU_FLAGS_MASK"
 
 
+PROJECTIONS = ("qkv", "o", "gate_up", "down")  # lg_block's order of projections, each dense or quantized
 WEIGHTS = ("input_norm", "qkv", "qkv_bias", "o", "o_bias", "mlp_norm", "gate_up", "gate_up_bias", "down",
            "down_bias")
 
@@ -56,7 +57,9 @@ class BlockSpec(ctypes.Structure):
     """kernels.c's lg_block: one decoder layer's weights (addresses) and sizes."""
     _fields_ = [(name, ctypes.c_void_p) for name in WEIGHTS] + \
         [(name, ctypes.c_int64) for name in ("hidden", "heads", "kv_heads", "head_dim", "inner")] + \
-        [(name, ctypes.c_float) for name in ("eps", "norm_offset", "scale", "softcap")]
+        [(name, ctypes.c_float) for name in ("eps", "norm_offset", "scale", "softcap")] + \
+        [("bits", ctypes.c_int64 * len(PROJECTIONS)), ("scales", ctypes.c_void_p * len(PROJECTIONS)),
+         ("codes", ctypes.c_void_p * len(PROJECTIONS))]
 
 
 def masked_flags() -> set[str]:
@@ -148,6 +151,15 @@ def load(path: Path) -> ctypes.CDLL:
     for function in lib.lg_decoder_block_f32, lib.lg_decoder_block_bf16:
         function.argtypes = [ctypes.POINTER(BlockSpec)] + [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 6 + [ctypes.c_int]
         function.restype = ctypes.c_int
+    for function in lib.lg_linear_q8_f32, lib.lg_linear_q8_bf16, lib.lg_linear_q4_f32, lib.lg_linear_q4_bf16:
+        function.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3
+        function.restype = ctypes.c_int
+    for function in lib.lg_dequantize_q8_f32, lib.lg_dequantize_q8_bf16:
+        function.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2
+        function.restype = None
+    for function in lib.lg_dequantize_q4_f32, lib.lg_dequantize_q4_bf16:
+        function.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64]
+        function.restype = None
     for function in lib.lg_rms_norm_f32, lib.lg_rms_norm_bf16:
         function.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float] * 2
         function.restype = None
@@ -212,6 +224,51 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     out = torch.empty(*x.shape[:-1], weight.shape[0], dtype=weight.dtype)
     kernel("linear", weight.dtype)(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1],
                                    x.shape[-1], weight.shape[0])
+    return out
+
+
+Q4_BLOCK = 64  # kernels.c's 4-bit block (bitsandbytes' blocksize): its products need whole blocks per row
+
+
+def supports_quantized(stored, dtype: torch.dtype) -> bool:
+    """True when products of x in `dtype` with this bitsandbytes weight (a quantize.QuantizedWeight) can run
+    natively here: float32 or bfloat16 activations, CPU tensors, and for 4-bit rows of whole 64-value blocks."""
+    if dtype not in (torch.float32, torch.bfloat16) or stored.data.device.type != "cpu" or library() is None:
+        return False
+    if stored.bits == 4:
+        return stored.shape[1] % Q4_BLOCK == 0 and stored.code is not None and stored.code.numel() == 16
+    return stored.bits == 8
+
+
+def _quantized_pointers(stored) -> tuple[int, int, int | None]:
+    code = stored.code.data_ptr() if stored.bits == 4 else None
+    return stored.data.data_ptr(), stored.scale.data_ptr(), code
+
+
+def quantized_linear(x: torch.Tensor, stored) -> torch.Tensor:
+    """x (..., K) float32 or bfloat16 times a bitsandbytes weight (N, K)ᵀ → (..., N) in x's dtype, as bitsandbytes'
+    dequantize-then-matmul in float32 computes it; `supports_quantized(stored, x.dtype)` must hold."""
+    x = x.contiguous()
+    N, K = stored.shape
+    out = torch.empty(*x.shape[:-1], N, dtype=x.dtype)
+    weights, scales, code = _quantized_pointers(stored)
+    status = kernel(f"linear_q{stored.bits}", x.dtype)(x.data_ptr(), weights, scales, code, out.data_ptr(),
+                                                       x.numel() // K, K, N)
+    if status != 0:
+        raise MemoryError("the native quantized product could not allocate its scratch memory")
+    return out
+
+
+def dequantize(stored, dtype: torch.dtype) -> torch.Tensor:
+    """The whole (N, K) weight in float32 or bfloat16, value for value what bitsandbytes' int8_vectorwise_dequant or
+    dequantize_4bit gives (for products of many rows, where the weight is read once per prompt)."""
+    N, K = stored.shape
+    out = torch.empty(N, K, dtype=dtype)
+    weights, scales, code = _quantized_pointers(stored)
+    if stored.bits == 8:
+        kernel("dequantize_q8", dtype)(weights, scales, out.data_ptr(), N, K)
+    else:
+        kernel("dequantize_q4", dtype)(weights, scales, code, out.data_ptr(), N * K)
     return out
 
 
@@ -322,11 +379,24 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def block_spec(tensors: tuple[torch.Tensor | None, ...], **sizes) -> BlockSpec:
-    """kernels.c's lg_block from one layer's tensors (in WEIGHTS order, None for an absent bias) and its sizes."""
-    spec = BlockSpec(*[t.data_ptr() if t is not None else None for t in tensors], **sizes)
+def block_spec(tensors: tuple, **sizes) -> BlockSpec:
+    """kernels.c's lg_block from one layer's tensors (in WEIGHTS order, None for an absent bias; a projection may
+    be a quantize.QuantizedWeight instead of a tensor) and its sizes."""
+    spec = BlockSpec(*[_address(t) for t in tensors], **sizes)
+    for index, name in enumerate(PROJECTIONS):
+        weight = tensors[WEIGHTS.index(name)]
+        if not isinstance(weight, torch.Tensor):  # bitsandbytes' storage
+            spec.bits[index] = weight.bits
+            spec.scales[index] = weight.scale.data_ptr()
+            spec.codes[index] = weight.code.data_ptr() if weight.bits == 4 else None
     spec.tensors = tensors  # the addresses stay valid while the spec holds the tensors
     return spec
+
+
+def _address(tensor) -> int | None:
+    if tensor is None:
+        return None
+    return tensor.data_ptr() if isinstance(tensor, torch.Tensor) else tensor.data.data_ptr()
 
 
 def decoder_block(spec: BlockSpec, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, layer_cache,

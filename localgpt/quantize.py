@@ -286,7 +286,10 @@ def make_module(weight: QuantizedWeight, bias: torch.Tensor | None, spec: QuantS
 
 
 def module_weight(module: nn.Module) -> QuantizedWeight:
-    """Read a bitsandbytes module back as a QuantizedWeight (to write it)."""
+    """Read a bitsandbytes module back as a QuantizedWeight (to write it), or the native backend's module's."""
+    stored = getattr(module, "stored", None)
+    if isinstance(stored, QuantizedWeight):
+        return stored
     if module.localgpt_bits == 8:
         scb = module.weight.SCB if module.weight.SCB is not None else module.state.SCB
         return QuantizedWeight(8, tuple(module.weight.shape), module.weight.data, scb)
@@ -352,6 +355,10 @@ def write_quantized(model: nn.Module, source: Path, output: Path, force: bool = 
     config.update(quantization_config=spec.to_config(), torch_dtype=dtype_name)
     if "dtype" in config:
         config["dtype"] = dtype_name
+    if is_quantized(model.lm_head):  # a quantized copy of a tied embedding is written as an untied head
+        for section in (config, config.get("text_config")):
+            if isinstance(section, dict):
+                section["tie_word_embeddings"] = False
     with atomic_folder(output, force) as scratch:
         save_file(tensors, str(scratch / "model.safetensors"), metadata={"format": "pt"})
         (scratch / "config.json").write_text(json.dumps(config, indent=2))

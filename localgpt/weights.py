@@ -118,8 +118,12 @@ def _read_weights(model_dir: Path, config: ModelConfig, dtype: torch.dtype, devi
         skipped_modules = {_module_name(t.name) for key, t in layout.items()
                            if t.name in linear_weights and skipped(_module_name(key), quantize.skip)}
         to_quantize = {_module_name(name) for name in linear_weights} - skipped_modules
+    # A tied head is the embedding, which stays as it is; unless the spec quantizes lm_head too, when the head becomes
+    # its own quantized copy of the embedding (written untied: bitsandbytes' format has no quantized embedding)
+    quantize_head = bool(quantize is not None and config.tie_word_embeddings and not quantized_modules
+                         and not skipped("lm_head", quantize.skip))
     if config.tie_word_embeddings:
-        to_quantize.discard("lm_head")  # the head is the embedding, which stays as it is
+        to_quantize.discard("lm_head")
     quantized_shapes = {}
     for name in quantized_modules:
         linear = model.get_submodule(name)
@@ -134,7 +138,7 @@ def _read_weights(model_dir: Path, config: ModelConfig, dtype: torch.dtype, devi
     rows_filled = {name: 0 for name in params}
     quantized_parts: dict[str, list[tuple[int, int, dict[str, torch.Tensor], str]]] = {}
     ready: dict[str, QuantizedWeight] = {}
-    bnb = load_bitsandbytes(device) if quantized_modules or to_quantize else None
+    bnb = load_bitsandbytes(device) if quantized_modules or to_quantize or quantize_head else None
     for path, entries in headers:
         with open(path, "rb", buffering=0) as file:
             for key, entry in entries.items():
@@ -198,6 +202,9 @@ def _read_weights(model_dir: Path, config: ModelConfig, dtype: torch.dtype, devi
     if missing:
         shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
         raise ModelError(f"{model_dir}: the checkpoint is missing tensors for {shown} — download it again")
+    if quantize_head:
+        ready["lm_head"] = quantize_weight(model.embed_tokens.weight.data, quantize, bnb)
+        layout["lm_head.weight"] = Target("lm_head.weight")
     spec = quantize or (spec_from_config(read_json(model_dir / "config.json", "model config"), "config.json")
                         if quantized_modules else None)
     if spec is not None:

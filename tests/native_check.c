@@ -180,11 +180,80 @@ static void check_decoder_block(void) {
     expect(memcmp(cache[0][1], cache[1][1], 4 * B * batch_stride) == 0, "decoder_block values", 0, 0, 0, 0, 0);
 }
 
+/* bitsandbytes' 8-bit and 4-bit weights: products against double-precision sums of the dequantized weight, and
+ * the dequantization itself value for value (K 64 and 576 end in a 64-value tail on AVX-512, 128 and 256 are whole
+ * groups on every instruction set; 8-bit also takes any K). */
+static void check_quantized(void) {
+    const int64_t Ms[] = {1, 2, 3, 4, 5}, Ks[] = {64, 128, 256, 576, 37}, Ns[] = {1, 5, 33};
+    float code[16];
+    for (int i = 0; i < 16; i++) code[i] = uniform(); /* any 16 values: nf4's and fp4's are two such maps */
+    for (int a = 0; a < 5; a++)
+        for (int b = 0; b < 5; b++)
+            for (int c = 0; c < 3; c++) {
+                int64_t M = Ms[a], K = Ks[b], N = Ns[c], four_bit = K % 64 == 0;
+                int8_t *w8 = malloc(N * K);
+                uint8_t *w4 = malloc(N * K / 2 + 1);
+                float *scb = malloc(4 * N), *absmax = malloc(4 * (N * K / 64 + 1)), *x = malloc(4 * M * K);
+                float *y8 = malloc(4 * M * N), *y4 = malloc(4 * M * N), *dq8 = malloc(4 * N * K),
+                      *dq4 = malloc(4 * N * K);
+                uint16_t *xb = malloc(2 * M * K), *yb8 = malloc(2 * M * N), *yb4 = malloc(2 * M * N);
+                for (int64_t i = 0; i < N * K; i++) w8[i] = (int8_t)(uniform() * 127);
+                for (int64_t i = 0; i < N * K / 2; i++) w4[i] = (uint8_t)((uniform() + 1) * 127.99);
+                for (int64_t n = 0; n < N; n++) scb[n] = 0.5f + uniform();
+                for (int64_t i = 0; i < N * K / 64; i++) absmax[i] = 0.5f + uniform();
+                fill(x, M * K, 1), to_bf16(x, xb, M * K);
+                expect(lg_linear_q8_f32(x, w8, scb, NULL, y8, M, K, N) == 0, "linear_q8_f32 status", M, K, N, 0, 0);
+                lg_linear_q8_bf16(xb, w8, scb, NULL, yb8, M, K, N);
+                lg_dequantize_q8_f32(w8, scb, dq8, N, K);
+                if (four_bit) {
+                    lg_linear_q4_f32(x, w4, absmax, code, y4, M, K, N);
+                    lg_linear_q4_bf16(xb, w4, absmax, code, yb4, M, K, N);
+                    lg_dequantize_q4_f32(w4, absmax, code, dq4, N * K);
+                }
+                for (int64_t i = 0; i < N * K; i++) {
+                    float want8 = (float)w8[i] * scb[i / K] * 7.874015718698502e-3f;
+                    expect(dq8[i] == want8, "dequantize_q8", N, K, i, dq8[i], want8);
+                    if (four_bit) {
+                        uint8_t byte = w4[i / 2];
+                        float want4 = code[i % 2 ? byte & 15 : byte >> 4] * absmax[i / 64];
+                        expect(dq4[i] == want4, "dequantize_q4", N, K, i, dq4[i], want4);
+                    }
+                }
+                for (int64_t m = 0; m < M; m++)
+                    for (int64_t n = 0; n < N; n++) {
+                        double exact8 = 0, size8 = 0, exact4 = 0, size4 = 0, exact8b = 0, exact4b = 0;
+                        for (int64_t k = 0; k < K; k++) {
+                            double xv = x[m * K + k], xbv = bf16_to_float(xb[m * K + k]);
+                            exact8 += xv * dq8[n * K + k], size8 += fabs(xv * dq8[n * K + k]);
+                            exact8b += xbv * dq8[n * K + k];
+                            if (four_bit) {
+                                exact4 += xv * dq4[n * K + k], size4 += fabs(xv * dq4[n * K + k]);
+                                exact4b += xbv * dq4[n * K + k];
+                            }
+                        }
+                        expect(fabs(y8[m * N + n] - exact8) <= 1e-6 * size8 + 1e-6, "linear_q8_f32", M, K, N,
+                               y8[m * N + n], exact8);
+                        double got8b = bf16_to_float(yb8[m * N + n]);
+                        expect(fabs(got8b - exact8b) <= 0.0079 * fabs(exact8b) + 1e-6 * size8 + 1e-6,
+                               "linear_q8_bf16", M, K, N, got8b, exact8b);
+                        if (!four_bit) continue;
+                        expect(fabs(y4[m * N + n] - exact4) <= 1e-6 * size4 + 1e-6, "linear_q4_f32", M, K, N,
+                               y4[m * N + n], exact4);
+                        double got4b = bf16_to_float(yb4[m * N + n]);
+                        expect(fabs(got4b - exact4b) <= 0.0079 * fabs(exact4b) + 1e-6 * size4 + 1e-6,
+                               "linear_q4_bf16", M, K, N, got4b, exact4b);
+                    }
+                free(w8), free(w4), free(scb), free(absmax), free(x), free(y8), free(y4), free(dq8), free(dq4);
+                free(xb), free(yb8), free(yb4);
+            }
+}
+
 int main(void) {
     check_linear();
     check_attention();
     check_elementwise();
     check_decoder_block();
+    check_quantized();
     printf("native_check %s: %d of %d checks passed\n", lg_isa(), checks - failures, checks);
     return failures != 0;
 }

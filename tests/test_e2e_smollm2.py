@@ -87,7 +87,7 @@ def test_quantized_greedy_equals_transformers(folder, flag, compute):
         llm_int8_skip_modules=list(DEFAULT_SKIP[4]))
     reference = AutoModelForCausalLM.from_pretrained(folder, quantization_config=BitsAndBytesConfig(**bnb_args),
                                                      dtype=dtype).eval()
-    ours = load_model(folder, dtype=compute, device="cpu", quantize=flag)
+    ours = load_model(folder, dtype=compute, device="cpu", quantize=flag, backend="torch")  # bitsandbytes' modules
     ids = ours.tokenizer.encode_chat([{"role": "user", "content": QUESTIONS[0]}])
     prompt = torch.tensor([ids])
     expected = reference.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=24,
@@ -97,10 +97,50 @@ def test_quantized_greedy_equals_transformers(folder, flag, compute):
     assert "Paris" in ours.tokenizer.decode(actual)
 
 
-def test_cli_quantize_then_generate(folder, tmp_path):
+@pytest.mark.parametrize("flag", ["8", "nf4", "fp4"])
+@torch.no_grad()
+def test_native_quantized_logits_equal_transformers_with_dequantized_weights(folder, flag):
+    """The native backend's quantized SmolLM2 (8-bit, or 4-bit with our default skips; float32 compute, so the
+    comparison is tight) against transformers' own float model holding bitsandbytes' dequantize(quantize(W)) for
+    every layer we quantize: the prompt's logits, then each one-token decoding step's."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM
+
+    from localgpt import native
+    from localgpt.backends.native import NativeQuantizedLinear
+    from localgpt.quantize import DEFAULT_SKIP, load_bitsandbytes, skipped
+
+    if native.library() is None:
+        pytest.skip("no native kernels here")
+    bnb = load_bitsandbytes(torch.device("cpu"))
+    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    for name, module in reference.model.layers.named_modules():
+        if isinstance(module, torch.nn.Linear) and not skipped(name, DEFAULT_SKIP[8 if flag == "8" else 4]):
+            weight = module.weight.data
+            if flag == "8":
+                data, scb, _ = bnb.functional.int8_vectorwise_quant(weight.half())
+                module.weight.data = bnb.functional.int8_vectorwise_dequant(data, scb)
+            else:
+                data, state = bnb.functional.quantize_4bit(weight, blocksize=64, quant_type=flag)
+                module.weight.data = bnb.functional.dequantize_4bit(data, state)
+    ours = load_model(folder, dtype="float32", device="cpu", quantize=flag).model
+    assert isinstance(ours.layers[0].mlp.gate_up_proj, NativeQuantizedLinear), ours.backend.describe()
+    ids = torch.arange(100, 140)[None]
+    cache = ours.make_cache(1, 48)
+    steps = [ours(ids, cache)[0, -1]]
+    for _ in range(6):
+        ids = torch.cat([ids, steps[-1].argmax().view(1, 1)], 1)
+        steps.append(ours(ids[:, -1:], cache)[0, -1])
+    expected = reference(ids).logits[0, 39:]
+    assert (torch.stack(steps) - expected).abs().max().item() < 1e-3
+
+
+@pytest.mark.parametrize("head", [[], ["--quantize-head"]])
+def test_cli_quantize_then_generate(folder, tmp_path, head):
+    """4-bit, as written by default and with the head quantized too, answers the France question."""
     pytest.importorskip("bitsandbytes")
     quantized = tmp_path / "smol-q4"
-    result = subprocess.run([sys.executable, "-m", "localgpt", "quantize", str(folder), "--bits", "4", "-o",
+    result = subprocess.run([sys.executable, "-m", "localgpt", "quantize", str(folder), "--bits", "4", *head, "-o",
                              str(quantized)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     size = sum(p.stat().st_size for p in quantized.iterdir())

@@ -43,7 +43,8 @@ def test_kernels_compile_for_every_instruction_set_they_claim(tmp_path, isa):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     symbols = subprocess.run(["nm", "-D", "--defined-only", str(library)], capture_output=True, text=True).stdout
-    for kernel in ("linear", "attention", "rope_write", "rms_norm", "silu_mul", "decoder_block"):
+    for kernel in ("linear", "attention", "rope_write", "rms_norm", "silu_mul", "decoder_block", "linear_q8",
+                   "linear_q4", "dequantize_q8", "dequantize_q4"):
         assert f"lg_{kernel}_f32" in symbols and f"lg_{kernel}_bf16" in symbols, kernel
 
 

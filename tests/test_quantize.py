@@ -56,8 +56,14 @@ def logits(model, ids=PROMPT) -> torch.Tensor:
 
 
 def ours(folder: Path, flag: str | None = None, **kwargs):
+    """Our model on the torch backend, where bitsandbytes' own modules multiply, as in transformers (the native
+    backend's quantized products are held to bitsandbytes' dequantize-then-matmul in test_quantized_native.py)."""
     spec = parse_spec(flag, "float32", **kwargs) if flag else None
-    return load_weights(folder, load_config(folder), torch.float32, CPU, quantize=spec)
+    return load_weights(folder, load_config(folder), torch.float32, CPU, quantize=spec, backend="torch")
+
+
+def reload(folder: Path):
+    return load_weights(folder, load_config(folder), torch.float32, CPU, backend="torch")
 
 
 @pytest.mark.parametrize("variant", ["llama", "llama-untied-mha", "qwen2", "gemma", "phi3"])  # phi3: fused in the file
@@ -79,7 +85,7 @@ def test_loads_checkpoints_saved_by_transformers(tmp_path, float_model, name, do
     flag, bnb_args = FORMATS[name]
     quantized = reference(float_model, **bnb_args, **({"bnb_4bit_use_double_quant": True} if double_quant else {}))
     quantized.save_pretrained(tmp_path)
-    model = load_weights(tmp_path, load_config(tmp_path), torch.float32, CPU)
+    model = reload(tmp_path)
     assert model.quantization.bits == (8 if flag == "8" else 4)
     assert (logits(model) - logits(quantized)).abs().max() < 1e-4
     assert isinstance(model.lm_head, Linear)  # transformers keeps the head in full precision
@@ -127,8 +133,7 @@ def test_round_trip_after_running(tmp_path, float_model, flag):
         assert not (tmp_path / "after").exists()
         return
     write_quantized(model, float_model, tmp_path / "after")
-    assert (logits(load_weights(tmp_path / "after", load_config(tmp_path / "after"), torch.float32, CPU))
-            - expected).abs().max() < 1e-4
+    assert (logits(reload(tmp_path / "after")) - expected).abs().max() < 1e-4
 
 
 def test_gpt2_round_trip(tmp_path):
@@ -136,7 +141,7 @@ def test_gpt2_round_trip(tmp_path):
     model = ours(tmp_path / "float", "nf4")
     write_quantized(model, tmp_path / "float", tmp_path / "q")  # before any forward pass (see above)
     expected = logits(model)
-    again = load_weights(tmp_path / "q", load_config(tmp_path / "q"), torch.float32, CPU)
+    again = reload(tmp_path / "q")
     assert (logits(again) - expected).abs().max() < 1e-5
 
 
@@ -149,7 +154,7 @@ def test_skip_keeps_modules_in_full_precision(tmp_path, float_model):
     header = read_safetensors_header(tmp_path / "q" / "model.safetensors")
     assert header["model.layers.0.self_attn.q_proj.weight"].dtype == "float32"
     assert header["model.layers.0.mlp.up_proj.weight"].dtype == "int8"
-    again = load_weights(tmp_path / "q", load_config(tmp_path / "q"), torch.float32, CPU)
+    again = reload(tmp_path / "q")
     assert (logits(again) - logits(model)).abs().max() < 1e-5
 
 

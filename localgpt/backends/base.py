@@ -41,9 +41,9 @@ def rebuilt_as(module: nn.Module, cls: type[nn.Module]) -> nn.Module:
 
 def product_kind(module: nn.Module) -> str:
     """How a linear layer's decoding product runs: the backend's own label, else the quantized layer's class."""
-    if hasattr(module, "localgpt_bits"):
-        return f"bitsandbytes {type(module).__name__}"
-    return module.product_kind
+    if hasattr(module, "product_kind"):
+        return module.product_kind
+    return f"bitsandbytes {type(module).__name__}"
 
 
 def linear_layers(model: nn.Module) -> list[nn.Module]:

@@ -13,11 +13,13 @@ from collections import Counter
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import localgpt.backends.torch as torch_backend
 from localgpt import native
 from localgpt.backends.base import DECODE_ROWS, Backend, rebuilt_as
 from localgpt.model import MLP, Attention, Block, Linear, RMSNorm, Transformer
+from localgpt.quantize import QuantizedWeight, QuantizeError, is_quantized, module_weight
 
 
 @torch.library.custom_op("localgpt::native_linear", mutates_args=())
@@ -45,6 +47,41 @@ class NativeLinear(Linear):
             return F.linear(x, self.weight, self.bias)
         y = (native_linear_op if torch.compiler.is_compiling() else native.linear)(x, self.weight)  # (..., out)
         return y if self.bias is None else y + self.bias
+
+
+class NativeQuantizedLinear(nn.Module):
+    """A bitsandbytes layer (Linear8bitLt or Linear4bit) whose weight kernels.c reads as bitsandbytes stores it: a
+    few rows decode through the quantized products; prompts multiply the dequantized weight with torch's product,
+    as bitsandbytes does on CPU. Either way the result is bitsandbytes' dequantize-then-matmul (for 8-bit without
+    its int8 rounding of the activations, which its outlier threshold exists to limit)."""
+
+    def __init__(self, stored: QuantizedWeight, bias: torch.Tensor | None, dtype: torch.dtype, source: str):
+        super().__init__()
+        self.stored, self.bias, self.dtype = stored, bias, dtype
+        self.localgpt_bits = stored.bits
+        self.product_kind = f"native {stored.bits}-bit" if stored.bits == 8 else f"native 4-bit {stored.quant_type}"
+        self.source = source  # the bitsandbytes class it replaced, for describe()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.dtype)
+        if x.numel() <= DECODE_ROWS * x.shape[-1]:
+            y = native.quantized_linear(x, self.stored)  # (..., out)
+            return y if self.bias is None else y + self.bias
+        return F.linear(x, native.dequantize(self.stored, self.dtype), self.bias)
+
+
+def native_quantized(module: nn.Module, dtype: torch.dtype) -> NativeQuantizedLinear | None:
+    """The native replacement of a bitsandbytes layer of ours, or None where its kernels cannot run it (a GPU, a
+    float16 compute dtype, a 4-bit row that is not whole blocks, or a layer bitsandbytes already repacked)."""
+    try:
+        stored = module_weight(module)
+    except QuantizeError:
+        return None
+    compute = getattr(module, "compute_dtype", None) or dtype
+    if not native.supports_quantized(stored, compute):
+        return None
+    bias = None if module.bias is None else module.bias.data.to(compute)
+    return NativeQuantizedLinear(stored, bias, compute, type(module).__name__)
 
 
 class NativeRMSNorm(RMSNorm):
@@ -105,23 +142,25 @@ def available(model: Transformer) -> bool:
     return model.device.type == "cpu" and native.library() is not None
 
 
-def block_spec(block: Block) -> native.BlockSpec | None:
+def block_spec(block: Block, dtype: torch.dtype) -> native.BlockSpec | None:
     """The layer as kernels.c's lg_block, or None when one of its parts has no native path (GPT-2's LayerNorm,
-    Gemma's GELU or sandwich norms, Qwen3's q/k norms, quantized or packed projections)."""
+    Gemma's GELU or sandwich norms, Qwen3's q/k norms, packed or bitsandbytes-run projections)."""
     attn, mlp = block.attn, block.mlp
     if block.sandwich or not (isinstance(attn, NativeAttention) and not attn.qk_norm and isinstance(mlp, NativeMLP)
                               and isinstance(block.input_norm, NativeRMSNorm)
                               and isinstance(block.mlp_norm, NativeRMSNorm)):
         return None
-    if not all(isinstance(p, NativeLinear) for p in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)):
+    projections = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+    if not all(isinstance(p, NativeLinear) or isinstance(p, NativeQuantizedLinear) and p.dtype == dtype
+               for p in projections):
         return None
     if block.input_norm.eps != block.mlp_norm.eps or block.input_norm.weight_offset != block.mlp_norm.weight_offset:
         return None
-    tensors = (block.input_norm.weight, attn.qkv_proj.weight, attn.qkv_proj.bias, attn.o_proj.weight,
-               attn.o_proj.bias, block.mlp_norm.weight, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias,
-               mlp.down_proj.weight, mlp.down_proj.bias)
+    qkv, o, gate_up, down = (p.stored if isinstance(p, NativeQuantizedLinear) else p.weight for p in projections)
+    tensors = (block.input_norm.weight, qkv, attn.qkv_proj.bias, o, attn.o_proj.bias, block.mlp_norm.weight, gate_up,
+               mlp.gate_up_proj.bias, down, mlp.down_proj.bias)
     return native.block_spec(tensors, hidden=block.input_norm.weight.shape[0], heads=attn.num_heads,
-                             kv_heads=attn.num_kv_heads, head_dim=attn.head_dim, inner=mlp.down_proj.weight.shape[1],
+                             kv_heads=attn.num_kv_heads, head_dim=attn.head_dim, inner=down.shape[1],
                              eps=block.input_norm.eps,
                              norm_offset=block.input_norm.weight_offset, scale=attn.scale,
                              softcap=attn.softcap or 0.0)
@@ -132,6 +171,14 @@ def install(model: Transformer, head_only: bool = False, whole_layers: bool = Tr
     keeps the per-op path for every layer (the tests compare the two bit for bit)."""
     if not available(model):
         return torch_backend.install(model, head_only)
+    for name, module in [(n, m) for n, m in model.named_modules() if is_quantized(m)]:
+        replacement = native_quantized(module, model.dtype)
+        if replacement is not None:
+            model.set_submodule(name, replacement)
+    # head_only protects bitsandbytes' own CPU products (see backends.install); once none is left, every layer can
+    # take the native paths
+    head_only = head_only and any(is_quantized(m) and not isinstance(m, NativeQuantizedLinear)
+                                  for m in model.modules())
     for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, Linear)]:
         may_reorder = not head_only or module is model.lm_head
         if may_reorder and native.supports(module.weight):
@@ -148,7 +195,7 @@ def install(model: Transformer, head_only: bool = False, whole_layers: bool = Tr
             elif type(module) is Attention and module.head_dim <= native.MAX_HEAD_DIM:
                 model.set_submodule(name, rebuilt_as(module, NativeAttention))
         for index, layer in enumerate(model.layers):
-            spec = block_spec(layer) if whole_layers else None
+            spec = block_spec(layer, model.dtype) if whole_layers else None
             if spec is not None:
                 model.layers[index] = rebuilt_as(layer, NativeBlock)
                 model.layers[index].spec = spec
