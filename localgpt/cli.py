@@ -428,12 +428,12 @@ def quantize(
         "auto", "--compute-dtype", help="auto | bfloat16 | float32. auto on CPU: float32 for 8-bit, bfloat16 for 4-bit."
     ),
     skip: str | None = typer.Option(
-        None, "--skip", help="Comma-separated module names kept unquantized. Default: lm_head for 8-bit; "
+        None, "--skip", help="Comma-separated module names kept unquantized. Default: none for 8-bit; "
         "lm_head,q_proj,k_proj,v_proj,qkv_proj for 4-bit (half the quality loss for ~20% more size).",
     ),
     quantize_head: bool = typer.Option(
-        False, "--quantize-head", help="Quantize the output head too (for a tied one, a quantized copy of the "
-        "embedding, which stays as it is): the largest matrix of a small model, read at every token.",
+        False, "--quantize-head", help="Quantize the output head too, whatever --skip says (for a tied head, a "
+        "quantized copy of the embedding, which stays as it is). 8-bit does by default.",
     ),
     int8_threshold: float | None = typer.Option(
         None, "--int8-threshold",

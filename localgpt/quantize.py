@@ -28,12 +28,14 @@ from localgpt.settings import check_quantize_choice
 
 BLOCKSIZE = 64  # bitsandbytes' 4-bit block on CPU and CUDA; transformers writes the same
 # Defaults chosen by perplexity on SmolLM2-135M (docs/quantization.md). transformers' own defaults are lm_head only
-# and threshold 6.0: there 8-bit lost 3.8% and nf4 26%. 8-bit sends input columns above the threshold through
-# float16; 1.5 catches this model's large activations (+0.7%, answers as float32's, ~7% slower; 3.0 gave +1.7% but
-# answered the France question in French). Keeping the attention q/k/v projections (one fused layer, 15% of the
-# linear weights) in the compute dtype halves nf4's loss (+13%) for 25 MB more — the trade llama.cpp's Q4_K_M
-# makes by keeping attn_v at higher precision.
-DEFAULT_SKIP = {8: ("lm_head",), 4: ("lm_head", "q_proj", "k_proj", "v_proj", "qkv_proj")}  # qkv_proj: Phi-3's
+# and threshold 6.0: there 8-bit lost 3.8% and nf4 26%. 8-bit quantizes everything, the head included (for a tied
+# head, a quantized copy of the embedding): with the native products' float activations that costs +0.3%, and the
+# head is the largest matrix a small model reads per token. 8-bit on bitsandbytes' own products (CUDA, the torch
+# backend) sends input columns above the threshold through float16; 1.5 catches this model's large activations.
+# Keeping the attention q/k/v projections (one fused layer, 15% of the linear weights) and the head in the compute
+# dtype halves nf4's loss (+13%; quantizing the head too doubles it again) — the trade llama.cpp's Q4_K_M makes by
+# keeping attn_v and the output at higher precision.
+DEFAULT_SKIP = {8: (), 4: ("lm_head", "q_proj", "k_proj", "v_proj", "qkv_proj")}  # qkv_proj: Phi-3's
 DEFAULT_INT8_THRESHOLD = 1.5
 INSTALL_HINT = "pip install 'localgpt-cli[quant]'"
 # Checkpoint tensor names that carry a quantized weight's statistics, by the suffix after the weight's module.
@@ -132,7 +134,8 @@ def spec_from_config(raw: dict, source: str) -> QuantSpec | None:
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ModelError(f"{source}: compute dtype {dtype_name!r} is not a floating-point dtype")
     threshold = q.get("llm_int8_threshold", 6.0)
-    skip = tuple(q.get("llm_int8_skip_modules") or ("lm_head",))
+    skip = q.get("llm_int8_skip_modules")
+    skip = ("lm_head",) if skip is None else tuple(skip)
     return QuantSpec(bits=4 if four else 8, quant_type=quant_type, compute_dtype=dtype, skip=skip,
                      threshold=float(threshold))
 
