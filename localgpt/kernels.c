@@ -701,6 +701,102 @@ static float *widened_rows(const void *x, int bf16, int deinterleave, int64_t M,
 QUANTIZED_LINEAR(linear_q8, int8_t, Q8_ROW, 0)
 QUANTIZED_LINEAR(linear_q4, uint8_t, Q4_ROW, 1)
 
+#ifdef __AVX512BF16__
+/* 4-bit with bfloat16 x where the CPU has AVX512-BF16: the code as 16 bfloat16 values (rounded to nearest even, as
+ * bitsandbytes' own bfloat16 dequantization rounds a weight), looked up 32 at a time by vpermw and multiplied in
+ * pairs by vdpbf16ps: half the lookups and products of the float32 path. 128 values are 32 16-bit words of 4 nibbles
+ * each; the nibble at bit 4 s of word i is value 4 i + (s ^ 1), and x's bfloat16 copy is reordered to match. A row
+ * that is not whole groups of 128 ends with one of 64 (16 words, in 256-bit registers). Products are exact in
+ * float32 and summed there; the absmax scale applies per 64 values, in float32. */
+#define Q4_WORDS_GROUP 128
+static uint16_t *bf16_rows_for_q4(const uint16_t *x, int64_t M, int64_t K) {
+    uint16_t *out = malloc(sizeof(uint16_t) * M * K);
+    if (!out) return NULL;
+    int64_t whole = K / Q4_WORDS_GROUP * Q4_WORDS_GROUP;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t k = 0; k < K; k++) {
+            int64_t base = k < whole ? k / Q4_WORDS_GROUP * Q4_WORDS_GROUP : whole, offset = k - base;
+            int64_t words = k < whole ? 32 : 16;
+            out[m * K + base + (offset % 4 ^ 1) * words + offset / 4] = x[m * K + k];
+        }
+    return out;
+}
+
+static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+#define Q4_WORDS_ROW(MB)                                                                                         \
+    {                                                                                                            \
+        __m512 acc[MB];                                                                                          \
+        float tail[MB];                                                                                          \
+        for (int m = 0; m < MB; m++) acc[m] = _mm512_setzero_ps(), tail[m] = 0;                                  \
+        const uint8_t *wr = w + n * (K / 2);                                                                     \
+        const float *row_absmax = scale + n * (K / Q4_BLOCK);                                                    \
+        int64_t groups = K / Q4_WORDS_GROUP;                                                                     \
+        for (int64_t group = 0; group < groups; group++) {                                                       \
+            __m512i words = _mm512_loadu_si512(wr + group * (Q4_WORDS_GROUP / 2));                               \
+            __m512 sum[MB][2];                                                                                   \
+            for (int m = 0; m < MB; m++) sum[m][0] = sum[m][1] = _mm512_setzero_ps();                            \
+            const uint16_t *xp = xr + group * Q4_WORDS_GROUP;                                                    \
+            for (int s = 0; s < 4; s++) {                                                                        \
+                __m512bh weights = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(words, 4 * s), code32);  \
+                for (int m = 0; m < MB; m++)                                                                     \
+                    sum[m][s & 1] = _mm512_dpbf16_ps(sum[m][s & 1],                                              \
+                                                     (__m512bh)_mm512_loadu_si512(xp + m * K + s * 32), weights);\
+            }                                                                                                    \
+            __m512 scales = vgroup_scales(row_absmax, group);                                                    \
+            for (int m = 0; m < MB; m++) acc[m] = _mm512_fmadd_ps(_mm512_add_ps(sum[m][0], sum[m][1]), scales, acc[m]); \
+        }                                                                                                        \
+        if (K % Q4_WORDS_GROUP) { /* the last 64 values: one absmax */                                           \
+            __m256i words = _mm256_loadu_si256((const __m256i *)(wr + groups * (Q4_WORDS_GROUP / 2)));           \
+            __m256 sum[MB];                                                                                      \
+            for (int m = 0; m < MB; m++) sum[m] = _mm256_setzero_ps();                                           \
+            const uint16_t *xp = xr + groups * Q4_WORDS_GROUP;                                                   \
+            for (int s = 0; s < 4; s++) {                                                                        \
+                __m256bh weights = (__m256bh)_mm256_permutexvar_epi16(_mm256_srli_epi16(words, 4 * s), code16);  \
+                for (int m = 0; m < MB; m++)                                                                     \
+                    sum[m] = _mm256_dpbf16_ps(sum[m], (__m256bh)_mm256_loadu_si256((const __m256i *)(xp + m * K + s * 16)), \
+                                              weights);                                                          \
+            }                                                                                                    \
+            for (int m = 0; m < MB; m++) tail[m] = hsum256(sum[m]) * row_absmax[K / Q4_BLOCK - 1];               \
+        }                                                                                                        \
+        for (int m = 0; m < MB; m++) yr[m * N + n] = _mm512_reduce_add_ps(acc[m]) + tail[m];                     \
+    }
+
+static int linear_q4_words(const void *x, int bf16, const uint8_t *w, const float *scale, const float *code_values,
+                           float *y, int64_t M, int64_t K, int64_t N) {
+    (void)bf16;
+    uint16_t *xs = bf16_rows_for_q4(x, M, K);
+    if (!xs) return -1;
+    uint16_t table[32];
+    for (int i = 0; i < 32; i++) table[i] = round_to_bf16_scalar(code_values[i & 15]); /* vpermw reads 5 bits */
+    __m512i code32 = _mm512_loadu_si512(table);
+    __m256i code16 = _mm256_loadu_si256((const __m256i *)table);
+    _Pragma("omp parallel") {
+        int t = omp_get_thread_num(), threads = omp_get_num_threads();
+        int64_t n0 = N * t / threads, n1 = N * (t + 1) / threads;
+        for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {
+            const uint16_t *xr = xs + m0 * K;
+            float *yr = y + m0 * N;
+            for (int64_t n = n0; n < n1; n++) switch (M - m0 < MAX_ROWS ? M - m0 : MAX_ROWS) {
+                case 1: Q4_WORDS_ROW(1) break;
+                case 2: Q4_WORDS_ROW(2) break;
+                case 3: Q4_WORDS_ROW(3) break;
+                default: Q4_WORDS_ROW(4) break;
+                }
+        }
+    }
+    free(xs);
+    return 0;
+}
+#define LINEAR_Q4_FOR_BF16 linear_q4_words
+#else
+#define LINEAR_Q4_FOR_BF16 linear_q4
+#endif
+
 /* The entry points, by the dtype of x and y: float32 y is written in place, bfloat16 y through a float32 copy. */
 #define QUANTIZED_ENTRY(NAME, IMPL, WT, T, BF16)                                                                 \
     int NAME(const T *x, const WT *w, const float *scale, const float *code, T *y, int64_t M, int64_t K,        \
@@ -717,7 +813,7 @@ QUANTIZED_LINEAR(linear_q4, uint8_t, Q4_ROW, 1)
 QUANTIZED_ENTRY(lg_linear_q8_f32, linear_q8, int8_t, float, 0)
 QUANTIZED_ENTRY(lg_linear_q8_bf16, linear_q8, int8_t, uint16_t, 1)
 QUANTIZED_ENTRY(lg_linear_q4_f32, linear_q4, uint8_t, float, 0)
-QUANTIZED_ENTRY(lg_linear_q4_bf16, linear_q4, uint8_t, uint16_t, 1)
+QUANTIZED_ENTRY(lg_linear_q4_bf16, LINEAR_Q4_FOR_BF16, uint8_t, uint16_t, 1)
 
 /* The whole weight (N, K) in float32 or bfloat16 for products of many rows (a prompt), computed exactly as
  * bitsandbytes' int8_vectorwise_dequant and dequantize_4bit compute it (one rounding of the float32 value). */

@@ -6,8 +6,9 @@ fused layer is written as row slices and assembled from them on load. Slicing is
 per row, 4-bit one `absmax` per block of 64 consecutive values, and a projection's rows always hold a whole
 number of blocks (checked).
 
-On CPU, bitsandbytes dequantizes inside every product, so quantized models decode slower than bfloat16 there:
-on CPU quantization is for memory (docs/quantization.md has the figures).
+On CPU bitsandbytes dequantizes inside every product; the native backend replaces these modules with products
+that read the same stored tensors (backends/native.py, kernels.c), so there quantized models decode faster than
+float32 (docs/quantization.md has the figures).
 """
 
 from __future__ import annotations

@@ -240,7 +240,7 @@ static void check_quantized(void) {
                         expect(fabs(y4[m * N + n] - exact4) <= 1e-6 * size4 + 1e-6, "linear_q4_f32", M, K, N,
                                y4[m * N + n], exact4);
                         double got4b = bf16_to_float(yb4[m * N + n]);
-                        expect(fabs(got4b - exact4b) <= 0.0079 * fabs(exact4b) + 1e-6 * size4 + 1e-6,
+                        expect(fabs(got4b - exact4b) <= 0.0079 * fabs(exact4b) + 0.004 * size4 + 1e-6, /* AVX512-BF16: code in bf16 */
                                "linear_q4_bf16", M, K, N, got4b, exact4b);
                     }
                 free(w8), free(w4), free(scb), free(absmax), free(x), free(y8), free(y4), free(dq8), free(dq4);
