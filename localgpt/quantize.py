@@ -207,6 +207,14 @@ class QuantizedWeight:
         scale = torch.cat([p.scale for p in parts])
         return QuantizedWeight(first.bits, shape, data, scale, first.code, first.quant_type, first.dtype)
 
+    def dequantize(self, bnb, dtype: torch.dtype) -> torch.Tensor:
+        """The (out, in) weight in `dtype`, as bitsandbytes dequantizes it."""
+        if self.bits == 8:
+            return bnb.functional.int8_vectorwise_dequant(self.data, self.scale).to(dtype)
+        state = bnb.functional.QuantState(absmax=self.scale, shape=torch.Size(self.shape), code=self.code,
+                                          blocksize=BLOCKSIZE, quant_type=self.quant_type, dtype=torch.float32)
+        return bnb.functional.dequantize_4bit(self.data, state).to(dtype)
+
     def checkpoint_tensors(self, weight_key: str, bnb) -> dict[str, torch.Tensor]:
         """transformers' names: 4-bit `W`, `W.absmax`, `W.quant_map`, `W.quant_state.bitsandbytes__nf4`;
         8-bit `W` (int8), `M.SCB`, `M.weight_format` where W = M.weight."""

@@ -268,3 +268,19 @@ def test_unwritable_home_is_said_before_quantizing(tmp_path, float_model):
     result = run_cli("quantize", str(float_model), "--bits", "8", env={"LOCALGPT_HOME": str(tmp_path / "file" / "h")})
     assert result.returncode == 1 and result.stderr.startswith("Error: cannot write "), result.stderr
     assert "set LOCALGPT_HOME to a folder you can write" in result.stderr and "quantizing" not in result.stderr
+
+
+def test_on_the_torch_backend_a_quantized_head_multiplies_its_dequantized_weight(float_model):
+    """Without the native kernels (the torch backend), bitsandbytes' CPU int8 head would halve decoding speed: the
+    head becomes a float product of exactly bitsandbytes' dequantized weight; every other layer stays bitsandbytes'."""
+    from localgpt.quantize import load_bitsandbytes, module_weight
+
+    plain = load_weights(float_model, load_config(float_model), torch.float32, CPU, quantize=parse_spec("8", "float32"),
+                         backend=None)
+    assert plain.lm_head.localgpt_bits == 8  # the 8-bit default quantizes the head
+    torch_backend = ours(float_model, "8")
+    assert isinstance(torch_backend.lm_head, Linear)
+    assert type(torch_backend.layers[0].mlp.gate_up_proj).__name__ == "Linear8bitLt"
+    bnb = load_bitsandbytes(CPU)
+    head = module_weight(plain.lm_head)
+    assert torch.equal(torch_backend.lm_head.weight, bnb.functional.int8_vectorwise_dequant(head.data, head.scale))
