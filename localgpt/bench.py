@@ -152,7 +152,10 @@ def run_transformers(model: str, dtype: str, quantize: str | None, prompt_tokens
             # The full run minus its own prefill (measured by the one-token run) is the decode time.
             runs.append({"ttft_s": ttft, "decode_tps": (new_tokens - 1) / max(total - ttft, 1e-9)})
     best = best_of(runs)
-    weights = sum(p.numel() * p.element_size() for p in hf_model.parameters())
+    # as Transformer.weight_bytes counts: an embedding that is not also the head is read one row per token
+    embedding = hf_model.get_input_embeddings().weight
+    untied = getattr(hf_model.get_output_embeddings(), "weight", None) is not embedding
+    weights = sum(p.numel() * p.element_size() for p in hf_model.parameters() if not (untied and p is embedding))
     compute = str(torch_dtype).removeprefix("torch.")
     label = format_name(compute, spec and spec.label)
     return BenchResult("transformers", label, best["ttft_s"], prompt_tokens / best["ttft_s"], best["decode_tps"],

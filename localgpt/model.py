@@ -231,8 +231,10 @@ class Transformer(nn.Module):
 
     def weight_bytes(self) -> int:
         """Bytes of the weights as stored (a tied head counted once, 4-bit packed bytes as they are): what one
-        decoded token reads."""
-        return sum(p.numel() * p.element_size() for p in self.parameters())
+        decoded token reads. An embedding that is not also the head is left out: a token reads one row of it."""
+        embedding = self.embed_tokens.weight
+        untied = getattr(self.lm_head, "weight", None) is not embedding
+        return sum(p.numel() * p.element_size() for p in self.parameters() if not (untied and p is embedding))
 
     @property
     def dtype(self) -> torch.dtype:

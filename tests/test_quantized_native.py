@@ -133,6 +133,7 @@ def test_quantized_models_decode_as_their_dequantized_float_twin(tmp_path, varia
         from localgpt.backends.native import install
 
         per_op = load_weights(tmp_path, load_config(tmp_path), torch.float32, CPU, quantize=spec, backend=None)
+        assert model.weight_bytes() == per_op.weight_bytes()  # the stored bytes, whichever module holds them
         install(per_op, whole_layers=False)
         assert not isinstance(per_op.layers[0], NativeBlock)
         assert torch.equal(decode_logits(per_op, prompt), got)

@@ -57,7 +57,9 @@ class NativeQuantizedLinear(nn.Module):
 
     def __init__(self, stored: QuantizedWeight, bias: torch.Tensor | None, dtype: torch.dtype, source: str):
         super().__init__()
-        self.stored, self.bias, self.dtype = stored, bias, dtype
+        self.stored, self.dtype = stored, dtype
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.weight = nn.Parameter(stored.data, requires_grad=False)  # the stored bytes, counted by weight_bytes
         self.localgpt_bits = stored.bits
         self.product_kind = f"native {stored.bits}-bit" if stored.bits == 8 else f"native 4-bit {stored.quant_type}"
         self.source = source  # the bitsandbytes class it replaced, for describe()
