@@ -200,25 +200,28 @@ static inline void prefetch_ahead(const void *at, int lines) {
         for (int m = 0; m < MB; m++) yr[m * N + n] = STORE_ONE(vsum(vadd(acc[m][0], acc[m][1])));               \
     }
 
-/* The product entry point for one dtype: both threads stream their own half of the weight rows, MAX_ROWS rows of x
- * at a time, with a constant row count per switch case so the accumulators become registers. */
-#define LINEAR(NAME, T, ROW)                                                                                     \
-    void NAME(const T *x, const T *w, T *y, int64_t M, int64_t K, int64_t N) {                                   \
-        _Pragma("omp parallel") {                                                                                \
-            int t = omp_get_thread_num(), threads = omp_get_num_threads();                                      \
-            int64_t n0 = N * t / threads, n1 = N * (t + 1) / threads;                                           \
-            for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {                                                      \
-                const T *xr = x + m0 * K; /* this pass's rows of x and y */                                      \
-                T *yr = y + m0 * N;                                                                              \
-                for (int64_t n = n0; n < n1; n++) switch (M - m0 < MAX_ROWS ? M - m0 : MAX_ROWS) {               \
-                    case 1: ROW(1) break;                                                                        \
-                    case 2: ROW(2) break;                                                                        \
-                    case 3: ROW(3) break;                                                                        \
-                    default: ROW(4) break;                                                                       \
-                    }                                                                                            \
-            }                                                                                                    \
+/* Every product's loop: both threads stream their own half of the weight rows, MAX_ROWS rows of x at a time, with a
+ * constant row count per switch case so the accumulators become registers. ROW(MB) computes yr[m * N + n] for the
+ * MB rows of x at xr (K apart); x is XT, y is YT. */
+#define FOR_ROW_BLOCKS(XT, X, YT, Y, ROW)                                                                        \
+    _Pragma("omp parallel") {                                                                                    \
+        int t = omp_get_thread_num(), threads = omp_get_num_threads();                                          \
+        int64_t n0 = N * t / threads, n1 = N * (t + 1) / threads;                                               \
+        for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {                                                          \
+            const XT *xr = (X) + m0 * K; /* this pass's rows of x and y */                                       \
+            YT *yr = (Y) + m0 * N;                                                                               \
+            for (int64_t n = n0; n < n1; n++) switch (M - m0 < MAX_ROWS ? M - m0 : MAX_ROWS) {                   \
+                case 1: ROW(1) break;                                                                            \
+                case 2: ROW(2) break;                                                                            \
+                case 3: ROW(3) break;                                                                            \
+                default: ROW(4) break;                                                                           \
+                }                                                                                                \
         }                                                                                                        \
     }
+
+/* The product entry point for one dtype. */
+#define LINEAR(NAME, T, ROW)                                                                                     \
+    void NAME(const T *x, const T *w, T *y, int64_t M, int64_t K, int64_t N) { FOR_ROW_BLOCKS(T, x, T, y, ROW) }
 
 static inline float keep_float(float value) { return value; }
 #define F32_ROW(MB) VEC_ROW(MB, float, vload, vload_n, keep_float)
@@ -678,23 +681,9 @@ static float *widened_rows(const void *x, int bf16, int deinterleave, int64_t M,
                     float *y, int64_t M, int64_t K, int64_t N) {                                                 \
         const float *xs = widened_rows(x, bf16, DEINTERLEAVE, M, K);                                             \
         if (!xs) return -1;                                                                                      \
-        (void)code_values;                                                                                       \
-        _Pragma("omp parallel") {                                                                                \
-            int t = omp_get_thread_num(), threads = omp_get_num_threads();                                      \
-            int64_t n0 = N * t / threads, n1 = N * (t + 1) / threads;                                           \
-            vcode code = vload_code(code_values ? code_values : (const float[16]){0});                          \
-            (void)code;                                                                                          \
-            for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {                                                      \
-                const float *xr = xs + m0 * K;                                                                   \
-                float *yr = y + m0 * N;                                                                          \
-                for (int64_t n = n0; n < n1; n++) switch (M - m0 < MAX_ROWS ? M - m0 : MAX_ROWS) {               \
-                    case 1: ROW(1) break;                                                                        \
-                    case 2: ROW(2) break;                                                                        \
-                    case 3: ROW(3) break;                                                                        \
-                    default: ROW(4) break;                                                                       \
-                    }                                                                                            \
-            }                                                                                                    \
-        }                                                                                                        \
+        vcode code = vload_code(code_values ? code_values : (const float[16]){0}); /* 8-bit: unused */           \
+        (void)code;                                                                                              \
+        FOR_ROW_BLOCKS(float, xs, float, y, ROW)                                                                 \
         if ((const void *)xs != x) free((void *)xs);                                                             \
         return 0;                                                                                                \
     }
@@ -775,20 +764,7 @@ static int linear_q4_words(const void *x, int bf16, const uint8_t *w, const floa
     for (int i = 0; i < 32; i++) table[i] = round_to_bf16_scalar(code_values[i & 15]); /* vpermw reads 5 bits */
     __m512i code32 = _mm512_loadu_si512(table);
     __m256i code16 = _mm256_loadu_si256((const __m256i *)table);
-    _Pragma("omp parallel") {
-        int t = omp_get_thread_num(), threads = omp_get_num_threads();
-        int64_t n0 = N * t / threads, n1 = N * (t + 1) / threads;
-        for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {
-            const uint16_t *xr = xs + m0 * K;
-            float *yr = y + m0 * N;
-            for (int64_t n = n0; n < n1; n++) switch (M - m0 < MAX_ROWS ? M - m0 : MAX_ROWS) {
-                case 1: Q4_WORDS_ROW(1) break;
-                case 2: Q4_WORDS_ROW(2) break;
-                case 3: Q4_WORDS_ROW(3) break;
-                default: Q4_WORDS_ROW(4) break;
-                }
-        }
-    }
+    FOR_ROW_BLOCKS(uint16_t, xs, float, y, Q4_WORDS_ROW)
     free(xs);
     return 0;
 }
