@@ -457,7 +457,7 @@ def quantize(
     from localgpt.hub import human_size, resolve
     from localgpt.inventory import folder_size
     from localgpt.paths import writable_models_dir
-    from localgpt.quantize import DEFAULT_INT8_THRESHOLD, DEFAULT_SKIP, load_bitsandbytes, parse_spec, write_quantized
+    from localgpt.quantize import DEFAULT_INT8_THRESHOLD, load_bitsandbytes, parse_spec, write_quantized
     from localgpt.weights import choose_device, load_model
 
     if bits not in (4, 8):
@@ -465,18 +465,15 @@ def quantize(
     if quant_type not in ("nf4", "fp4"):
         raise UsageError(f"--type must be nf4 or fp4, not {quant_type!r}")
     flag = "8" if bits == 8 else quant_type
-    if quantize_head:
-        kept = DEFAULT_SKIP[bits] if skip is None else tuple(name.strip() for name in skip.split(","))
-        skip = ",".join(name for name in kept if name and name != "lm_head")
     int8_threshold = DEFAULT_INT8_THRESHOLD if int8_threshold is None else int8_threshold
-    spec = parse_spec(flag, compute_dtype, skip, threshold=int8_threshold)
+    spec = parse_spec(flag, compute_dtype, skip, threshold=int8_threshold, quantize_head=quantize_head)
     load_bitsandbytes(choose_device(device))  # a missing bitsandbytes is said before any work starts
     source = resolve(model)
     target = Path(output).expanduser() if output else writable_models_dir() / f"{model_name(source)}-{spec.suffix}"
     refuse_existing(target, force)
     say(f"quantizing {source} → {target}")
     interrupts.marker("loading")
-    loaded = load_model(source, dtype=compute_dtype, device=device, quantize=flag, skip=skip,
+    loaded = load_model(source, dtype=compute_dtype, device=device, quantize=flag, skip=",".join(spec.skip),
                         int8_threshold=int8_threshold, backend=None)
     interrupts.marker("writing")
     write_quantized(loaded.model, source, target, force=force)

@@ -95,8 +95,10 @@ def default_compute_dtype(bits: int, device: torch.device) -> torch.dtype:
 
 
 def parse_spec(value: str, compute_dtype: str | None = None, skip: str | None = None,
-               device: torch.device | None = None, threshold: float = DEFAULT_INT8_THRESHOLD) -> QuantSpec:
-    """--quantize / --bits + --type values → QuantSpec (UsageError on bad values)."""
+               device: torch.device | None = None, threshold: float = DEFAULT_INT8_THRESHOLD,
+               quantize_head: bool = False) -> QuantSpec:
+    """--quantize / --bits + --type values → QuantSpec (UsageError on bad values); quantize_head drops lm_head from
+    the modules kept (given or default)."""
     value = check_quantize_choice(value)
     bits = 8 if value == "8" else 4
     quant_type = value if value in ("nf4", "fp4") else "nf4"
@@ -107,6 +109,8 @@ def parse_spec(value: str, compute_dtype: str | None = None, skip: str | None = 
     else:
         raise UsageError(f"--compute-dtype must be auto, bfloat16, float32 or float16, not {compute_dtype!r}")
     names = DEFAULT_SKIP[bits] if skip is None else tuple(s.strip() for s in skip.split(",") if s.strip())
+    if quantize_head:
+        names = tuple(name for name in names if name != "lm_head")
     if not threshold >= 0:
         raise UsageError(f"--int8-threshold must be >= 0, not {threshold}")
     return QuantSpec(bits=bits, quant_type=quant_type, compute_dtype=dtype, skip=names, threshold=threshold)
