@@ -167,3 +167,19 @@ def assert_clean_error(result, code: int, message: str):
     assert result.stderr.startswith("Error: ") and message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def stored_weight(weight, form: str, bnb):
+    """A float weight in bitsandbytes' storage as a checkpoint holds it (form: 8, nf4, fp4, nf4-double or
+    fp4-double), and bitsandbytes' own float32 dequantization of it."""
+    from localgpt.quantize import QuantizedWeight
+
+    if form == "8":
+        data, scb, _ = bnb.functional.int8_vectorwise_quant(weight.half())
+        return QuantizedWeight(8, tuple(weight.shape), data, scb), bnb.functional.int8_vectorwise_dequant(data, scb)
+    quant_type, double = form.split("-")[0], form.endswith("-double")
+    data, state = bnb.functional.quantize_4bit(weight, blocksize=64, compress_statistics=double,
+                                              quant_type=quant_type)
+    expected = bnb.functional.dequantize_4bit(data, state)  # float32: the weight's dtype
+    tensors = {"weight": data, **state.as_dict(packed=True)}  # as transformers writes it, nested absmax included
+    return QuantizedWeight.from_checkpoint(tensors, "w", bnb), expected

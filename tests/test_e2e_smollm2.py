@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import smollm2
+from helpers import stored_weight
 from localgpt.generate import generate_tokens
 from localgpt.sampling import SamplingOptions
 from localgpt.weights import load_model
@@ -118,13 +119,7 @@ def test_native_quantized_logits_equal_transformers_with_dequantized_weights(fol
     reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     for name, module in reference.named_modules():
         if isinstance(module, torch.nn.Linear) and not skipped(name, DEFAULT_SKIP[8 if flag == "8" else 4]):
-            weight = module.weight.data
-            if flag == "8":
-                data, scb, _ = bnb.functional.int8_vectorwise_quant(weight.half())
-                dequantized = bnb.functional.int8_vectorwise_dequant(data, scb)
-            else:
-                data, state = bnb.functional.quantize_4bit(weight, blocksize=64, quant_type=flag)
-                dequantized = bnb.functional.dequantize_4bit(data, state)
+            _, dequantized = stored_weight(module.weight.data, flag, bnb)
             module.weight = torch.nn.Parameter(dequantized)  # a new parameter: the tied head leaves the embedding
     ours = load_model(folder, dtype="float32", device="cpu", quantize=flag).model
     assert isinstance(ours.layers[0].mlp.gate_up_proj, NativeQuantizedLinear), ours.backend.describe()

@@ -11,7 +11,7 @@ import logging
 import pytest
 import torch
 
-from helpers import run_cli, tiny_model
+from helpers import run_cli, stored_weight, tiny_model
 from localgpt import native
 from localgpt.backends.native import NativeBlock, NativeQuantizedLinear, native_quantized
 from localgpt.checkpoint import read_safetensors_header
@@ -32,19 +32,6 @@ SHAPES = [(5, 64), (33, 576), (40, 1536), (7, 128), (1, 192)]
 @pytest.fixture(scope="module")
 def bnb():
     return load_bitsandbytes(CPU)
-
-
-def stored_weight(weight: torch.Tensor, form: str, bnb) -> tuple[QuantizedWeight, torch.Tensor]:
-    """The weight in bitsandbytes' storage as a checkpoint holds it, and bitsandbytes' own float32 dequantization."""
-    if form == "8":
-        data, scb, _ = bnb.functional.int8_vectorwise_quant(weight.half())
-        return QuantizedWeight(8, tuple(weight.shape), data, scb), bnb.functional.int8_vectorwise_dequant(data, scb)
-    quant_type, double = form.split("-")[0], form.endswith("-double")
-    data, state = bnb.functional.quantize_4bit(weight, blocksize=64, compress_statistics=double,
-                                              quant_type=quant_type)
-    expected = bnb.functional.dequantize_4bit(data, state)  # float32: the weight's dtype
-    tensors = {"weight": data, **state.as_dict(packed=True)}  # as transformers writes it, nested absmax included
-    return QuantizedWeight.from_checkpoint(tensors, "w", bnb), expected
 
 
 @pytest.mark.parametrize("form", FORMATS)
