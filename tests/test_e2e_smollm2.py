@@ -93,11 +93,21 @@ def test_quantized_greedy_equals_transformers(folder, flag, compute):
                       else "lm_head", backend="torch")
     ids = ours.tokenizer.encode_chat([{"role": "user", "content": QUESTIONS[0]}])
     prompt = torch.tensor([ids])
-    expected = reference.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=24,
-                                  do_sample=False)[0, len(ids):].tolist()
+    output = reference.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=24, do_sample=False,
+                                output_scores=True, return_dict_in_generate=True)
+    expected = output.sequences[0, len(ids):].tolist()
     actual = list(generate_tokens(ours.model, ids, SamplingOptions(temperature=0), 24, ours.tokenizer.eos_token_ids))
-    assert actual == expected
-    assert "Paris" in ours.tokenizer.decode(actual)
+    forks = [i for i, (a, e) in enumerate(zip(actual, expected, strict=False)) if a != e]
+    same = forks[0] if forks else min(len(actual), len(expected))
+    assert "Paris" in ours.tokenizer.decode(actual[:same]), (actual, expected)
+    if same < len(expected):
+        # Two different programs agree to float rounding, not bit for bit: a fork is allowed only where the
+        # reference's own two candidates were tied within that rounding (in bfloat16, 2 units in the last place of
+        # the logit; bitsandbytes' CPU kernels differ between hosts, and so does the step where a near tie falls).
+        scores = output.scores[same][0].float()
+        theirs, ours_pick = scores[expected[same]].item(), scores[actual[same]].item()
+        tie = 2 * abs(theirs) * (2.0**-7 if dtype == torch.bfloat16 else 2.0**-20)
+        assert theirs - ours_pick <= tie, (same, theirs, ours_pick, actual, expected)
 
 
 @pytest.mark.parametrize("flag", ["8", "nf4", "fp4"])
