@@ -116,6 +116,26 @@ def test_invalid_beam_options(options):
         options.validate()
 
 
+def test_top_candidates_equal_one_flat_topk():
+    """The per-beam-then-merged top candidates are torch.topk over the flattened scores, also where the best sit in
+    one beam, where values tie (the flat call decides then) and where most scores are -inf (banned tokens)."""
+    from localgpt.beam import top_candidates
+
+    generator = torch.Generator().manual_seed(0)
+    cases = [torch.randn(4, 1000, generator=generator) for _ in range(20)]
+    one_beam_best = torch.randn(4, 1000, generator=generator)
+    one_beam_best[2] += 100
+    tied = torch.randn(4, 1000, generator=generator).round(decimals=1)
+    banned = torch.full((4, 1000), float("-inf"))
+    banned[1, 5], banned[3, 7] = -1.0, -2.0
+    for scores in [*cases, one_beam_best, tied, banned, torch.randn(1, 50, generator=generator)]:
+        keep = 2 * scores.shape[0]
+        values, indices = top_candidates(scores, keep)
+        expected_values, expected_indices = torch.topk(scores.reshape(-1), keep)
+        assert torch.equal(values, expected_values)
+        assert torch.equal(indices, expected_indices)
+
+
 SMOL_GRID = [  # every value of every option at least once, on the real model
     (2, 1.0, False, 0, 1), (4, 0.5, True, 2, 2), (4, 2.0, "never", 0, 2), (2, 2.0, True, 2, 1),
     (4, 1.0, "never", 2, 1), (2, 0.5, False, 0, 2),
