@@ -80,11 +80,12 @@ def run_localgpt(model: str, dtype: str, quantize: str | None, prompt_tokens: in
     from localgpt.generate import generate_tokens
     from localgpt.hub import resolve
     from localgpt.sampling import SamplingOptions
-    from localgpt.weights import load_model
+    from localgpt.weights import freeze_heap, load_model
 
     start = time.perf_counter()
     loaded = load_model(resolve(model), dtype=dtype, device="auto", quantize=quantize)
     load_s = time.perf_counter() - start
+    freeze_heap()  # as the CLI does after loading
     compile_s = 0.0
     if compile_step:
         from localgpt.compiled import compile_decode
