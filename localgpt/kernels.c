@@ -320,7 +320,44 @@ static inline vf vexp(vf x) {
 #define MAX_HEAD_CHUNKS (MAX_HEAD_DIM / VL)
 
 /* Rows at their own positions (a batch of independent sequences): row b reads counts[b] slots from firsts[b]
- * (NAME##_rows); with firsts and counts NULL every row reads S slots from 0. */
+ * (NAME##_rows); with firsts and counts NULL every row reads S slots from 0.
+ * The positions are cut into spans of ATTENTION_SPAN, and the units of work run in the order (row, key/value head,
+ * span, query head of its group): the query heads that share a key/value head read a span one after another,
+ * while it is still in L2, instead of each streaming the whole cache from memory (3x the bytes for SmolLM2's 9
+ * query heads over 3). Each unit leaves its span's max score, sum of weights and weighted values; a last pass
+ * merges the spans (as flash-decoding does). A row of one span gets the same bits as without spans. */
+#define ATTENTION_SPAN 256
+/* One unit: n positions of one query head, CH vectors of head_dim (WIDTH: the lanes of vector c); leaves the
+ * span's max score, sum of weights and weighted values in result. */
+#define ATTEND_SPAN(T, LOAD, CH, WIDTH)                                                                          \
+    {                                                                                                            \
+        vf query[MAX_HEAD_CHUNKS], acc[MAX_HEAD_CHUNKS];                                                         \
+        for (int64_t c = 0; c < (CH); c++) {                                                                     \
+            query[c] = LOAD(qh + c * VL, WIDTH);                                                                 \
+            acc[c] = vzero();                                                                                    \
+        }                                                                                                        \
+        float top = -INFINITY;                                                                                   \
+        for (int64_t s = 0; s < n; s++) {                                                                        \
+            vf dot = vzero();                                                                                    \
+            for (int64_t c = 0; c < (CH); c++) dot = vfma(query[c], LOAD(kh + s * hd + c * VL, WIDTH), dot);    \
+            float score = vsum(dot) * scale;                                                                     \
+            if (softcap > 0) score = tanhf(score / softcap) * softcap;                                            \
+            scores[s] = score;                                                                                   \
+            top = score > top ? score : top;                                                                     \
+        }                                                                                                        \
+        vf totals = vzero();                                                                                     \
+        for (int64_t s = 0; s < n; s += VL) {                                                                    \
+            vf weights = vexp(vsub(vload_n(scores + s, n - s), vset(top)));                                      \
+            vstore_n(scores + s, weights, n - s);                                                                \
+            totals = vadd(totals, vload_n(scores + s, n - s)); /* the stored lanes only */                       \
+        }                                                                                                        \
+        for (int64_t s = 0; s < n; s++) {                                                                        \
+            vf w = vset(scores[s]);                                                                              \
+            for (int64_t c = 0; c < (CH); c++) acc[c] = vfma(w, LOAD(vh + s * hd + c * VL, WIDTH), acc[c]);     \
+        }                                                                                                        \
+        result[0] = top, result[1] = vsum(totals);                                                               \
+        for (int64_t c = 0; c < (CH); c++) vstore_n(result + 2 + c * VL, acc[c], WIDTH);                         \
+    }
 #define DECODE_ATTENTION(NAME, T, LOAD, STORE)                                                                   \
     static int NAME##_impl(const T *q, const T *k, const T *v, T *out, int64_t B, int64_t h, int64_t g,         \
                            int64_t S, const int64_t *firsts, const int64_t *counts, int64_t hd,                 \
@@ -332,49 +369,53 @@ static inline vf vexp(vf x) {
             most = counts[b] > most ? counts[b] : most;                                                          \
         }                                                                                                        \
         if (chunks > MAX_HEAD_CHUNKS || most < 1) return -1;                                                     \
-        int failed = 0;                                                                                          \
-        _Pragma("omp parallel for collapse(2) if (B * h * most * hd >= 65536) reduction(| : failed)")           \
-        for (int64_t b = 0; b < B; b++)                                                                          \
-            for (int64_t head = 0; head < h; head++) {                                                           \
-                int64_t S = counts ? counts[b] : most, first = firsts ? firsts[b] : 0;                           \
-                const T *qh = q + b * q_batch_stride + head * q_head_stride;                                     \
-                const T *kh = k + b * kv_batch_stride + head / group * kv_head_stride + first * hd;              \
-                const T *vh = v + b * kv_batch_stride + head / group * kv_head_stride + first * hd;              \
-                float *scores = malloc(S * sizeof(float));                                                       \
-                if (!scores) { failed = 1; continue; }                                                           \
-                vf query[MAX_HEAD_CHUNKS], acc[MAX_HEAD_CHUNKS];                                                 \
-                for (int64_t c = 0; c < chunks; c++) {                                                           \
-                    query[c] = LOAD(qh + c * VL, hd - c * VL);                                                   \
-                    acc[c] = vzero();                                                                            \
-                }                                                                                                \
-                float top = -INFINITY;                                                                           \
-                for (int64_t s = 0; s < S; s++) {                                                                \
-                    vf dot = vzero();                                                                            \
-                    for (int64_t c = 0; c < chunks; c++)                                                         \
-                        dot = vfma(query[c], LOAD(kh + s * hd + c * VL, hd - c * VL), dot);                      \
-                    float score = vsum(dot) * scale;                                                             \
-                    if (softcap > 0) score = tanhf(score / softcap) * softcap;                                    \
-                    scores[s] = score;                                                                           \
-                    top = score > top ? score : top;                                                             \
-                }                                                                                                \
-                vf totals = vzero();                                                                             \
-                for (int64_t s = 0; s < S; s += VL) {                                                            \
-                    vf weights = vexp(vsub(vload_n(scores + s, S - s), vset(top)));                              \
-                    vstore_n(scores + s, weights, S - s);                                                        \
-                    totals = vadd(totals, vload_n(scores + s, S - s)); /* the stored lanes only */               \
-                }                                                                                                \
-                float total = vsum(totals);                                                                      \
-                for (int64_t s = 0; s < S; s++) {                                                                \
-                    vf w = vset(scores[s]);                                                                      \
-                    for (int64_t c = 0; c < chunks; c++)                                                         \
-                        acc[c] = vfma(w, LOAD(vh + s * hd + c * VL, hd - c * VL), acc[c]);                       \
-                }                                                                                                \
-                free(scores);                                                                                    \
-                vf inverse = vset(1.0f / total);                                                                 \
-                T *oh = out + (b * h + head) * hd;                                                               \
-                for (int64_t c = 0; c < chunks; c++) STORE(oh + c * VL, vmul(acc[c], inverse), hd - c * VL);     \
+        int64_t spans = (most + ATTENTION_SPAN - 1) / ATTENTION_SPAN, units = B * h * spans, stride = hd + 2;    \
+        float *partial = malloc(units * stride * sizeof(float)); /* per unit: max, total, hd weighted values */  \
+        if (!partial) return -1;                                                                                 \
+        _Pragma("omp parallel for schedule(static) if (B * h * most * hd >= 65536)")                            \
+        for (int64_t unit = 0; unit < units; unit++) {                                                           \
+            int64_t rest = unit / group, span = rest % spans, kv_head = rest / spans % g, b = rest / spans / g;  \
+            int64_t head = kv_head * group + unit % group;                                                       \
+            int64_t S = counts ? counts[b] : most, first = firsts ? firsts[b] : 0;                               \
+            int64_t s0 = span * ATTENTION_SPAN, n = S - s0 < ATTENTION_SPAN ? S - s0 : ATTENTION_SPAN;           \
+            float *result = partial + ((b * h + head) * spans + span) * stride;                                  \
+            if (n <= 0) { /* this row holds fewer positions than the longest */                                  \
+                result[0] = -INFINITY, result[1] = 0;                                                            \
+                continue;                                                                                        \
             }                                                                                                    \
-        return failed ? -1 : 0;                                                                                  \
+            const T *qh = q + b * q_batch_stride + head * q_head_stride;                                         \
+            const T *kh = k + b * kv_batch_stride + kv_head * kv_head_stride + (first + s0) * hd;                \
+            const T *vh = v + b * kv_batch_stride + kv_head * kv_head_stride + (first + s0) * hd;                \
+            float scores[ATTENTION_SPAN];                                                                        \
+            /* head_dim in whole vectors of 4, 8 or 16 (64 and 128 on every ISA): the chunk loops unroll and the   \
+             * query and accumulators stay in registers (with a run-time count they lived on the stack). */       \
+            int whole = hd % VL == 0;                                                                            \
+            if (whole && chunks == 4) ATTEND_SPAN(T, LOAD, 4, VL)                                                \
+            else if (whole && chunks == 8) ATTEND_SPAN(T, LOAD, 8, VL)                                           \
+            else if (whole && chunks == 16) ATTEND_SPAN(T, LOAD, 16, VL)                                         \
+            else ATTEND_SPAN(T, LOAD, chunks, hd - c * VL)                                                       \
+        }                                                                                                        \
+        for (int64_t bh = 0; bh < B * h; bh++) { /* merge the spans: each rescaled to the row's max */           \
+            const float *first_span = partial + bh * spans * stride;                                             \
+            float top = -INFINITY, total = 0;                                                                    \
+            for (int64_t span = 0; span < spans; span++)                                                         \
+                top = first_span[span * stride] > top ? first_span[span * stride] : top;                         \
+            vf acc[MAX_HEAD_CHUNKS];                                                                             \
+            for (int64_t c = 0; c < chunks; c++) acc[c] = vzero();                                               \
+            for (int64_t span = 0; span < spans; span++) {                                                       \
+                const float *result = first_span + span * stride;                                                \
+                if (result[1] == 0) continue; /* an empty span */                                                \
+                float factor = result[0] == top ? 1.0f : expf(result[0] - top);                                  \
+                total += factor * result[1];                                                                     \
+                for (int64_t c = 0; c < chunks; c++)                                                             \
+                    acc[c] = vfma(vset(factor), vload_n(result + 2 + c * VL, hd - c * VL), acc[c]);              \
+            }                                                                                                    \
+            vf inverse = vset(1.0f / total);                                                                     \
+            T *oh = out + bh * hd;                                                                               \
+            for (int64_t c = 0; c < chunks; c++) STORE(oh + c * VL, vmul(acc[c], inverse), hd - c * VL);         \
+        }                                                                                                        \
+        free(partial);                                                                                           \
+        return 0;                                                                                                \
     }                                                                                                            \
     int NAME(const T *q, const T *k, const T *v, T *out, int64_t B, int64_t h, int64_t g, int64_t S, int64_t hd, \
              int64_t q_batch_stride, int64_t q_head_stride, int64_t kv_batch_stride, int64_t kv_head_stride,     \

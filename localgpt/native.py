@@ -352,10 +352,19 @@ def decode_attention_rows(qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Ten
     kernel_rows("rope_write", qkv.dtype)(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), hd, q.data_ptr(),
                                          keys.data_ptr(), values.data_ptr(), B, num_heads, g, hd, batch_stride,
                                          head_stride, slots.data_ptr(), rope is not None)
-    out = torch.empty(B, num_heads, 1, hd, dtype=q.dtype)
+    return attention_rows(q, keys, values, firsts, counts, scale, softcap)
+
+
+def attention_rows(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, firsts: torch.Tensor,
+                   counts: torch.Tensor, scale: float, softcap: float | None) -> torch.Tensor:
+    """attention for rows that hold different positions: row b of q (B, h, 1, hd) reads counts[b] slots from
+    slot firsts[b] of keys/values (B, g, slots, hd), whose rows must be contiguous (the cache's are)."""
+    B, h, _, hd = q.shape
+    out = torch.empty(B, h, 1, hd, dtype=q.dtype)
     status = kernel_rows("attention", q.dtype)(q.data_ptr(), keys.data_ptr(), values.data_ptr(), out.data_ptr(), B,
-                                               num_heads, g, firsts.data_ptr(), counts.data_ptr(), hd, q.stride(0),
-                                               q.stride(1), batch_stride, head_stride, scale, softcap or 0.0)
+                                               h, keys.shape[1], firsts.data_ptr(), counts.data_ptr(), hd,
+                                               q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), scale,
+                                               softcap or 0.0)
     if status != 0:
         raise MemoryError(f"native attention could not run (head_dim {hd})")
     return out

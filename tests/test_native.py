@@ -175,6 +175,28 @@ def test_attention_matches_reference(dtype, B, h, g, S, hd, softcap):
 
 @needs_native
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("h,g,hd,softcap", [(9, 3, 64, None), (4, 4, 80, 30.0), (2, 1, 128, None)])
+def test_attention_rows_at_their_own_positions(dtype, h, g, hd, softcap):
+    """Rows (as beams or a batch) read their own stretch of the cache: lengths that end inside, on and just past
+    the kernel's 256-position spans, and rows far shorter than the longest (whose later spans are empty)."""
+    firsts = torch.tensor([0, 5, 300, 40, 0, 2], dtype=torch.int64)
+    counts = torch.tensor([700, 1, 256, 513, 257, 30], dtype=torch.int64)
+    B = len(counts)
+    generator = torch.Generator().manual_seed(h * hd)
+    q = torch.randn(B, h, 1, hd, generator=generator).to(dtype)
+    cache = (torch.randn(2, B, g, 800, hd, generator=generator) * 2).to(dtype)
+    scale = hd**-0.5
+    actual = native.attention_rows(q, cache[0], cache[1], firsts, counts, scale, softcap)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    for b, (first, count) in enumerate(zip(firsts.tolist(), counts.tolist(), strict=True)):
+        stretch = slice(first, first + count)
+        expected = sdpa_reference(q[b : b + 1], cache[0, b : b + 1, :, stretch], cache[1, b : b + 1, :, stretch],
+                                  scale, softcap)
+        torch.testing.assert_close(actual[b : b + 1].double(), expected, rtol=tolerance, atol=tolerance)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 1, 3072), (4, 1, 70), (2, 3, 32)])
 def test_silu_mul_matches_torch(dtype, shape):
     gate_up = (torch.randn(shape, generator=torch.Generator().manual_seed(2)) * 4).to(dtype)
