@@ -74,7 +74,7 @@ def timed_stream(tokens) -> dict:
 
 
 def run_localgpt(model: str, dtype: str, quantize: str | None, prompt_tokens: int, new_tokens: int, repeats: int,
-                 compile_step: bool) -> BenchResult:
+                 compile_step: bool, int8_activations: bool = False) -> BenchResult:
     import torch
 
     from localgpt.generate import generate_tokens
@@ -83,7 +83,8 @@ def run_localgpt(model: str, dtype: str, quantize: str | None, prompt_tokens: in
     from localgpt.weights import freeze_heap, load_model
 
     start = time.perf_counter()
-    loaded = load_model(resolve(model), dtype=dtype, device="auto", quantize=quantize)
+    loaded = load_model(resolve(model), dtype=dtype, device="auto", quantize=quantize,
+                        int8_activations=int8_activations)
     load_s = time.perf_counter() - start
     freeze_heap()  # as the CLI does after loading
     compile_s = 0.0
@@ -263,6 +264,7 @@ def child_main(argv: list[str]) -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--int8-activations", action="store_true")
     parser.add_argument("--gguf", default=None)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--llama-bench", default=None)
@@ -270,7 +272,7 @@ def child_main(argv: list[str]) -> None:
     try:
         if args.child == "localgpt":
             result = run_localgpt(args.model, args.dtype, args.quantize, args.prompt_tokens, args.new_tokens,
-                                  args.repeats, args.compile)
+                                  args.repeats, args.compile, args.int8_activations)
         elif args.child == "transformers":
             result = run_transformers(args.model, args.dtype, args.quantize, args.prompt_tokens, args.new_tokens,
                                       args.repeats)

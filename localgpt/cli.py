@@ -57,6 +57,12 @@ NO_LOG_OPTION = typer.Option(False, "--no-log", help="Do not log this to LOCALGP
 QUANTIZE_OPTION = typer.Option(
     None, "--quantize", "-q", help="Quantize while loading: 8 | 4 (nf4) | nf4 | fp4 (needs localgpt-cli[quant]).",
 )
+INT8_ACTIVATIONS_OPTION = typer.Option(
+    False, "--int8-activations",
+    help="4-bit models: decode with each layer's input rounded to int8 per 64 values and integer products, as "
+         "llama.cpp's Q4_0 does. Faster, most of all on AVX2 and ARM; no longer bitsandbytes' float numerics "
+         "(perplexity: docs/quantization.md).",
+)
 
 
 def read_stdin_text() -> str | None:
@@ -184,6 +190,7 @@ def generate(
     stats: bool = typer.Option(False, "--stats", help="Print token counts and speed to stderr."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming text."),
     quantize: str | None = QUANTIZE_OPTION,
+    int8_activations: bool = INT8_ACTIVATIONS_OPTION,
     compile_step: bool = COMPILE_OPTION,
     no_log: bool = NO_LOG_OPTION,
     given: dict | None = None,
@@ -192,7 +199,7 @@ def generate(
     check_load_flags(dtype, quantize)
     text = build_prompt(prompt, read_stdin_text())
 
-    loaded = load_for_generation(model, dtype, device, quantize, compile_step)
+    loaded = load_for_generation(model, dtype, device, quantize, compile_step, int8_activations)
     from localgpt.generate import stream_generate
 
     settings = request_settings(given, loaded)
@@ -241,11 +248,12 @@ def generate(
         print(f"backend: {loaded.model.backend.describe()}", file=sys.stderr)
 
 
-def load_for_generation(model: str | None, dtype: str, device: str, quantize: str | None, compile_step: bool):
+def load_for_generation(model: str | None, dtype: str, device: str, quantize: str | None, compile_step: bool,
+                        int8_activations: bool = False):
     interrupts.marker("importing")
     from localgpt.weights import load_reference  # torch: a Ctrl-C waits for the import (localgpt/interrupts.py)
 
-    return load_reference(model, dtype, device, quantize, compile_step)
+    return load_reference(model, dtype, device, quantize, compile_step, int8_activations)
 
 
 def print_beams(loaded, prompt_ids: list[int], options, beams, max_tokens: int, stop, as_json: bool) -> str:
@@ -351,6 +359,7 @@ def serve(
     dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 | float16"),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
     quantize: str | None = QUANTIZE_OPTION,
+    int8_activations: bool = INT8_ACTIVATIONS_OPTION,
 ):
     """Serve the model over the OpenAI API (chat and completions, streaming) until Ctrl-C. Needs
     localgpt-cli[serve]."""
@@ -368,7 +377,7 @@ def serve(
     from localgpt.serve import serve as run_server
 
     listener = listen(host, port)
-    loaded = load_for_generation(model, dtype, device, quantize, False)
+    loaded = load_for_generation(model, dtype, device, quantize, False, int8_activations)
     run_server(loaded, model_name(loaded.path), listener, parallel, api_key)
 
 
@@ -498,6 +507,7 @@ def bench(
     new_tokens: int = typer.Option(128, "--new-tokens", help="Tokens to decode (end-of-sequence ignored)."),
     dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 | float16"),
     quantize: str | None = QUANTIZE_OPTION,
+    int8_activations: bool = INT8_ACTIVATIONS_OPTION,
     repeats: int = typer.Option(3, "--repeats", help="Runs per implementation; the best figures are kept."),
     compare: list[str] = typer.Option(
         [], "--compare", metavar="<name>",
@@ -552,7 +562,8 @@ def bench(
     if compile_step:
         say("compiling the decode step first, unless the native kernels run here (about a minute on a "
             "cold cache)")
-    results = [measure("localgpt", model=folder, dtype=dtype, quantize=quantize, compile=compile_step, **workload)]
+    results = [measure("localgpt", model=folder, dtype=dtype, quantize=quantize, compile=compile_step,
+                       int8_activations=int8_activations, **workload)]
     if compile_step and not results[0].compile_s:
         say("--compile skipped: the native kernels decode faster than a compiled step here")
     for name in compare:
@@ -717,6 +728,7 @@ def chat(
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
     no_history: bool = typer.Option(False, "--no-history", help="Do not read or write LOCALGPT_HOME/history."),
     quantize: str | None = QUANTIZE_OPTION,
+    int8_activations: bool = INT8_ACTIVATIONS_OPTION,
     compile_step: bool = COMPILE_OPTION,
     resume_latest: bool = typer.Option(False, "--continue", "-c", help="Continue the latest logged conversation."),
     conversation_id: str | None = typer.Option(None, "--cid", help="Continue the logged conversation with this id."),
@@ -740,7 +752,7 @@ def chat(
             raise LocalGPTError("no logged conversation to continue yet — 'localgpt chat' starts one")
         earlier = history.conversation(conversation_id)
 
-    loaded = load_for_generation(model, dtype, device, quantize, compile_step)
+    loaded = load_for_generation(model, dtype, device, quantize, compile_step, int8_activations)
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     session = ChatSession(loaded, request_settings(given, loaded), system, notify=say)
     if earlier is not None:

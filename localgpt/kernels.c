@@ -832,6 +832,148 @@ QUANTIZED_ENTRY(lg_linear_q8_bf16, linear_q8, int8_t, uint16_t, 1)
 QUANTIZED_ENTRY(lg_linear_q4_f32, linear_q4, uint8_t, float, 0)
 QUANTIZED_ENTRY(lg_linear_q4_bf16, LINEAR_Q4_FOR_BF16, uint8_t, uint16_t, 1)
 
+/* 4-bit products with int8 activations, the opt-in that trades bitsandbytes' numerics for llama.cpp's (load option
+ * int8_activations, CLI --int8-activations). Each row of x is rounded to int8 per block of 64 values, the 64 values
+ * one absmax of the weight covers (x ≈ scale q, scale = max |x| / 127, q rounded to nearest even), and the 16-value
+ * code to round(127 code): one block's product is then an exact integer dot product, scaled by absmax · scale / 127.
+ * Why: with float activations every weight is a float looked up from the code, and on AVX2 those lookups (two
+ * permutes and a blend per 8 weights) bound the product below the memory's speed; a byte shuffle looks up 32 int8
+ * weights at once, and integer multiply-adds (VNNI's vpdpbusd, AVX2's vpmaddubsw, NEON's sdot or smull) take 32
+ * or 16 pairs per instruction. It is what llama.cpp's Q4_0 does (Q8_0 activations per 32); the cost in perplexity
+ * is measured in docs/quantization.md. x's copy holds each block's 32 even values (the high nibbles) then its 32
+ * odd ones, so that a byte's two nibbles meet their values without a shuffle. */
+#define Q4I8_HALF (Q4_BLOCK / 2)
+#if defined(__x86_64__)
+/* 256 bits on every x86 build: measured on a Xeon with AVX-512, the 512-bit form of this loop (one shuffle per
+ * block, masked sign flips) was slower than two 256-bit halves, which also run on a third port there. */
+typedef __m256 q4_sums;
+static inline q4_sums q4_zero(void) { return _mm256_setzero_ps(); }
+static inline q4_sums q4_fma(q4_sums a, float b, q4_sums c) {
+#ifdef __FMA__
+    return _mm256_fmadd_ps(a, _mm256_set1_ps(b), c);
+#else /* the AVX-512 build without -mfma: AVX512VL's masked form */
+    return _mm256_mask_fmadd_ps(a, 0xff, _mm256_set1_ps(b), c);
+#endif
+}
+static inline float q4_total(q4_sums a, q4_sums b) {
+    __m256 v = _mm256_add_ps(a, b);
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+typedef struct { __m256i even, odd; } q4_block; /* the weights of one block as int8: even values, odd values */
+static inline __m256i q4_table(const int8_t *code) { return _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)code)); }
+static inline q4_block q4_decode(__m256i table, const uint8_t *bytes) {
+    __m256i packed = _mm256_loadu_si256((const __m256i *)bytes), low4 = _mm256_set1_epi8(15);
+    return (q4_block){_mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(packed, 4), low4)),
+                      _mm256_shuffle_epi8(table, _mm256_and_si256(packed, low4))};
+}
+static inline __m256i dot_i8(__m256i sums, __m256i w, __m256i x) { /* + 4-pair sums of w x, as |w| (x sign w) */
+    __m256i magnitude = _mm256_abs_epi8(w), signed_x = _mm256_sign_epi8(x, w);
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(sums, magnitude, signed_x);
+#elif defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(sums, magnitude, signed_x);
+#else /* pairs of |w| x ≤ 2 · 127 · 127 fit vpmaddubsw's 16 bits */
+    return _mm256_add_epi32(sums, _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, signed_x), _mm256_set1_epi16(1)));
+#endif
+}
+static inline q4_sums q4_dot(q4_block w, const int8_t *x) { /* lanes summing to Σ w x over the block, exactly */
+    __m256i sums = dot_i8(_mm256_setzero_si256(), w.even, _mm256_loadu_si256((const __m256i *)x));
+    return _mm256_cvtepi32_ps(dot_i8(sums, w.odd, _mm256_loadu_si256((const __m256i *)(x + Q4I8_HALF))));
+}
+#else /* NEON: the 16-byte table lookup is vqtbl1q */
+typedef float32x4_t q4_sums;
+static inline q4_sums q4_zero(void) { return vdupq_n_f32(0.0f); }
+static inline q4_sums q4_fma(q4_sums a, float b, q4_sums c) { return vfmaq_n_f32(c, a, b); }
+static inline float q4_total(q4_sums a, q4_sums b) { return vaddvq_f32(vaddq_f32(a, b)); }
+typedef struct { int8x16_t even[2], odd[2]; } q4_block;
+static inline int8x16_t q4_table(const int8_t *code) { return vld1q_s8(code); }
+static inline q4_block q4_decode(int8x16_t table, const uint8_t *bytes) {
+    q4_block w;
+    for (int half = 0; half < 2; half++) {
+        uint8x16_t packed = vld1q_u8(bytes + 16 * half);
+        w.even[half] = vqtbl1q_s8(table, vshrq_n_u8(packed, 4));
+        w.odd[half] = vqtbl1q_s8(table, vandq_u8(packed, vdupq_n_u8(15)));
+    }
+    return w;
+}
+static inline int32x4_t dot_i8(int32x4_t sums, int8x16_t w, int8x16_t x) {
+#ifdef __ARM_FEATURE_DOTPROD
+    return vdotq_s32(sums, w, x);
+#else /* products of int8 fit 16 bits; pairs are added into the 32-bit sums */
+    sums = vpadalq_s16(sums, vmull_s8(vget_low_s8(w), vget_low_s8(x)));
+    return vpadalq_s16(sums, vmull_high_s8(w, x));
+#endif
+}
+static inline q4_sums q4_dot(q4_block w, const int8_t *x) {
+    int32x4_t sums = vdupq_n_s32(0);
+    for (int half = 0; half < 2; half++) {
+        sums = dot_i8(sums, w.even[half], vld1q_s8(x + 16 * half));
+        sums = dot_i8(sums, w.odd[half], vld1q_s8(x + Q4I8_HALF + 16 * half));
+    }
+    return vcvtq_f32_s32(sums);
+}
+#endif
+
+/* One weight row n against MB rows of x's int8 copy (xq, K apart, with one scale per block in xs). */
+#define Q4I8_ROW(MB)                                                                                             \
+    {                                                                                                            \
+        q4_sums acc[MB][2];                                                                                      \
+        for (int m = 0; m < MB; m++) acc[m][0] = acc[m][1] = q4_zero();                                          \
+        const uint8_t *wr = w + n * (K / 2);                                                                     \
+        const float *row_absmax = scale + n * (K / Q4_BLOCK);                                                    \
+        for (int64_t block = 0; block < K / Q4_BLOCK; block++) {                                                 \
+            q4_block weights = q4_decode(table, wr + block * Q4I8_HALF);                                         \
+            for (int m = 0; m < MB; m++) {                                                                       \
+                float block_scale = row_absmax[block] * xs[(m0 + m) * (K / Q4_BLOCK) + block];                   \
+                acc[m][block & 1] = q4_fma(q4_dot(weights, xr + m * K + block * Q4_BLOCK), block_scale,         \
+                                           acc[m][block & 1]);                                                   \
+            }                                                                                                    \
+        }                                                                                                        \
+        for (int m = 0; m < MB; m++) yr[m * N + n] = q4_total(acc[m][0], acc[m][1]) * INT8_SCALE;               \
+    }
+
+/* x (M, K) as int8 per 64-value block, each block's even values then its odd ones, and the blocks' scales. */
+static void int8_blocks(const void *x, int bf16, int64_t M, int64_t K, int8_t *xq, float *xs) {
+    for (int64_t row_block = 0; row_block < M * (K / Q4_BLOCK); row_block++) {
+        float values[Q4_BLOCK], lanes_largest[VL], largest = 0;
+        vf top = vzero();
+        for (int i = 0; i < Q4_BLOCK; i += VL) {
+            int64_t at = row_block * Q4_BLOCK + i;
+            vf value = bf16 ? vload_bf16((const uint16_t *)x + at) : vload((const float *)x + at);
+            top = vmax(top, vmax(value, vsub(vzero(), value)));
+            vstore_n(values + i, value, VL);
+        }
+        vstore_n(lanes_largest, top, VL);
+        for (int i = 0; i < VL; i++) largest = lanes_largest[i] > largest ? lanes_largest[i] : largest;
+        vf inverse = vset(largest > 0 ? 127.0f / largest : 0.0f), low = vset(-127.0f), high = vset(127.0f);
+        xs[row_block] = largest / 127.0f;
+        for (int i = 0; i < Q4_BLOCK; i += VL) /* to nearest even, as torch.round */
+            vstore_n(values + i, vmin(vmax(vround_int(vmul(vload(values + i), inverse)), low), high), VL);
+        int8_t *out = xq + row_block * Q4_BLOCK;
+        for (int i = 0; i < Q4_BLOCK; i++) out[i % 2 * Q4I8_HALF + i / 2] = (int8_t)values[i];
+    }
+}
+
+static int linear_q4i8(const void *x, int bf16, const uint8_t *w, const float *scale, const float *code_values,
+                       float *y, int64_t M, int64_t K, int64_t N) {
+    int8_t *xq = malloc(M * K), code[16];
+    float *xs = malloc(sizeof(float) * (M * (K / Q4_BLOCK) + 1));
+    if (!xq || !xs) return free(xq), free(xs), -1;
+    int8_blocks(x, bf16, M, K, xq, xs);
+    for (int i = 0; i < 16; i++) { /* round(127 code), code values being within [-1, 1] */
+        float rounded = nearbyintf(code_values[i] * 127.0f);
+        code[i] = (int8_t)(rounded > 127 ? 127 : rounded < -127 ? -127 : rounded);
+    }
+    __typeof__(q4_table(code)) table = q4_table(code);
+    FOR_ROW_BLOCKS(int8_t, xq, float, y, Q4I8_ROW)
+    free(xq), free(xs);
+    return 0;
+}
+QUANTIZED_ENTRY(lg_linear_q4i8_f32, linear_q4i8, uint8_t, float, 0)
+QUANTIZED_ENTRY(lg_linear_q4i8_bf16, linear_q4i8, uint8_t, uint16_t, 1)
+
 /* The whole weight (N, K) in float32 or bfloat16 for products of many rows (a prompt), computed exactly as
  * bitsandbytes' int8_vectorwise_dequant and dequantize_4bit compute it (one rounding of the float32 value). */
 #define DEQUANTIZE(SUFFIX, T, STORE_ONE)                                                                         \
@@ -863,6 +1005,7 @@ typedef struct {
      * 4-bit one with its scales (SCB or absmax) and, for 4-bit, its 16-value code */
     int64_t bits[PROJECTIONS];
     const float *scales[PROJECTIONS], *codes[PROJECTIONS];
+    int64_t int8_activations; /* 1: the 4-bit projections take x rounded to int8 (linear_q4i8) */
 } lg_block;
 
 static inline float add_f32(float a, float b) { return a + b; }
@@ -872,6 +1015,8 @@ static inline uint16_t add_bf16(uint16_t a, uint16_t b) { return round_to_bf16_s
     static int project_##SUFFIX(const lg_block *b, int which, const void *w, const T *x, T *y, int64_t M,       \
                                 int64_t K, int64_t N) {                                                          \
         if (b->bits[which] == 8) return lg_linear_q8_##SUFFIX(x, w, b->scales[which], NULL, y, M, K, N);         \
+        if (b->bits[which] == 4 && b->int8_activations)                                                          \
+            return lg_linear_q4i8_##SUFFIX(x, w, b->scales[which], b->codes[which], y, M, K, N);                 \
         if (b->bits[which] == 4) return lg_linear_q4_##SUFFIX(x, w, b->scales[which], b->codes[which], y, M, K, N); \
         lg_linear_##SUFFIX(x, w, y, M, K, N);                                                                    \
         return 0;                                                                                                \

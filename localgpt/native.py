@@ -59,7 +59,7 @@ class BlockSpec(ctypes.Structure):
         [(name, ctypes.c_int64) for name in ("hidden", "heads", "kv_heads", "head_dim", "inner")] + \
         [(name, ctypes.c_float) for name in ("eps", "norm_offset", "scale", "softcap")] + \
         [("bits", ctypes.c_int64 * len(PROJECTIONS)), ("scales", ctypes.c_void_p * len(PROJECTIONS)),
-         ("codes", ctypes.c_void_p * len(PROJECTIONS))]
+         ("codes", ctypes.c_void_p * len(PROJECTIONS)), ("int8_activations", ctypes.c_int64)]
 
 
 def masked_flags() -> set[str]:
@@ -151,7 +151,8 @@ def load(path: Path) -> ctypes.CDLL:
     for function in lib.lg_decoder_block_f32, lib.lg_decoder_block_bf16:
         function.argtypes = [ctypes.POINTER(BlockSpec)] + [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 6 + [ctypes.c_int]
         function.restype = ctypes.c_int
-    for function in lib.lg_linear_q8_f32, lib.lg_linear_q8_bf16, lib.lg_linear_q4_f32, lib.lg_linear_q4_bf16:
+    for function in (lib.lg_linear_q8_f32, lib.lg_linear_q8_bf16, lib.lg_linear_q4_f32, lib.lg_linear_q4_bf16,
+                     lib.lg_linear_q4i8_f32, lib.lg_linear_q4i8_bf16):
         function.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3
         function.restype = ctypes.c_int
     for function in lib.lg_dequantize_q8_f32, lib.lg_dequantize_q8_bf16:
@@ -245,14 +246,17 @@ def _quantized_pointers(stored) -> tuple[int, int, int | None]:
     return stored.data.data_ptr(), stored.scale.data_ptr(), code
 
 
-def quantized_linear(x: torch.Tensor, stored) -> torch.Tensor:
+def quantized_linear(x: torch.Tensor, stored, int8_activations: bool = False) -> torch.Tensor:
     """x (..., K) float32 or bfloat16 times a bitsandbytes weight (N, K)ᵀ → (..., N) in x's dtype, as bitsandbytes'
-    dequantize-then-matmul in float32 computes it; `supports_quantized(stored, x.dtype)` must hold."""
+    dequantize-then-matmul in float32 computes it; `supports_quantized(stored, x.dtype)` must hold.
+    int8_activations (4-bit only): x rounded to int8 per 64-value block and multiplied in integers, as llama.cpp's
+    Q4_0 does (kernels.c, linear_q4i8: faster, not bitsandbytes' numerics)."""
     x = x.contiguous()
     N, K = stored.shape
     out = torch.empty(*x.shape[:-1], N, dtype=x.dtype)
     weights, scales, code = _quantized_pointers(stored)
-    status = kernel(f"linear_q{stored.bits}", x.dtype)(x.data_ptr(), weights, scales, code, out.data_ptr(),
+    name = "linear_q4i8" if int8_activations and stored.bits == 4 else f"linear_q{stored.bits}"
+    status = kernel(name, x.dtype)(x.data_ptr(), weights, scales, code, out.data_ptr(),
                                                        x.numel() // K, K, N)
     if status != 0:
         raise MemoryError("the native quantized product could not allocate its scratch memory")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from localgpt.config import ModelConfig, read_json
 from localgpt.errors import ModelError, UsageError
 from localgpt.families import Target, family_for
 from localgpt.model import Linear, Transformer
+from localgpt.native import notify_stderr
 from localgpt.quantize import (
     DEFAULT_INT8_THRESHOLD,
     QuantizedWeight,
@@ -263,10 +265,13 @@ def choose_device(name: str) -> torch.device:
 
 def load_model(model_dir: Path, dtype: str = "auto", device: str = "auto", quantize: str | None = None,
                skip: str | None = None, int8_threshold: float = DEFAULT_INT8_THRESHOLD,
-               backend: str | None = "auto") -> LoadedModel:
+               backend: str | None = "auto", int8_activations: bool = False,
+               notify: Callable[[str], None] = notify_stderr) -> LoadedModel:
     """A model folder → model, tokenizer and config, ready to generate. `quantize` (8, 4, nf4, fp4) quantizes a
     float model's linear layers while loading; a bitsandbytes checkpoint loads quantized by itself. With
-    quantization, `dtype` is the compute dtype (auto: the checkpoint's, or the faster one for this device)."""
+    quantization, `dtype` is the compute dtype (auto: the checkpoint's, or the faster one for this device).
+    int8_activations: the 4-bit layers decode with int8 activations (backends.use_int8_activations); a model
+    without 4-bit layers is refused, and `notify` says so where the kernels cannot run here."""
     from localgpt.config import load_generation_defaults
     from localgpt.families import load_config
     from localgpt.tokenizer import Tokenizer
@@ -290,11 +295,18 @@ def load_model(model_dir: Path, dtype: str = "auto", device: str = "auto", quant
     # bitsandbytes' native code (localgpt/interrupts.py); a library caller keeps Python's own behaviour.
     with interrupts.deferred():
         model = load_weights(model_dir, config, load_dtype, torch_device, quantize=spec, backend=backend)
+    if int8_activations:
+        if spec is None or spec.bits != 4:
+            raise UsageError(f"--int8-activations is for 4-bit models (-q nf4, -q fp4 or a 4-bit folder); "
+                             f"{model_dir.name} is {spec.label if spec else 'not quantized'}")
+        if backends.use_int8_activations(model) == 0:
+            notify("int8 activations need localgpt's native kernels, which do not run here: the 4-bit products "
+                   "keep float activations")
     return LoadedModel(model, tokenizer, config, load_generation_defaults(model_dir), model_dir)
 
 
 def load_reference(reference: str | None, dtype: str = "auto", device: str = "auto", quantize: str | None = None,
-                   compile_step: bool = False) -> LoadedModel:
+                   compile_step: bool = False, int8_activations: bool = False) -> LoadedModel:
     """A model reference as the user gives it (folder, hub repo id, name from `localgpt list`, None for the
     default model) → a LoadedModel ready to generate, downloading it first if need be; compile_step compiles the
     decode step (localgpt.compiled, which says so first)."""
@@ -302,7 +314,7 @@ def load_reference(reference: str | None, dtype: str = "auto", device: str = "au
 
     folder = resolve(reference)
     interrupts.marker("loading")
-    loaded = load_model(folder, dtype=dtype, device=device, quantize=quantize)
+    loaded = load_model(folder, dtype=dtype, device=device, quantize=quantize, int8_activations=int8_activations)
     if compile_step:
         from localgpt.compiled import compile_decode
 

@@ -249,12 +249,68 @@ static void check_quantized(void) {
             }
 }
 
+/* 4-bit with int8 activations: x rounded per 64-value block as the kernel defines it (scale max |x| / 127, values
+ * to nearest even, code to round(127 code)), then exact integer sums per block in double. Blocks that are all zero,
+ * a value at exactly half a step and bfloat16 x are among the cases. */
+static void check_quantized_int8_activations(void) {
+    const int64_t Ms[] = {1, 3, 4, 6}, Ks[] = {64, 128, 576, 1536}, Ns[] = {1, 7, 33};
+    float code[16];
+    for (int i = 0; i < 16; i++) code[i] = uniform();
+    code[3] = 1.0f, code[7] = 0.0f, code[12] = -1.0f; /* nf4's ends and its zero */
+    for (int a = 0; a < 4; a++)
+        for (int b = 0; b < 4; b++)
+            for (int c = 0; c < 3; c++) {
+                int64_t M = Ms[a], K = Ks[b], N = Ns[c];
+                uint8_t *w4 = malloc(N * K / 2);
+                float *absmax = malloc(4 * (N * K / 64)), *x = malloc(4 * M * K), *y = malloc(4 * M * N);
+                uint16_t *xb = malloc(2 * M * K), *yb = malloc(2 * M * N);
+                for (int64_t i = 0; i < N * K / 2; i++) w4[i] = (uint8_t)((uniform() + 1) * 127.99);
+                for (int64_t i = 0; i < N * K / 64; i++) absmax[i] = 0.5f + uniform();
+                fill(x, M * K, 3);
+                for (int64_t k = 0; k < 64; k++) x[k] = 0; /* row 0's first block: scale 0 */
+                if (K >= 128) x[64] = 1.27f, x[65] = 0.005f; /* 0.005 · 127 / 1.27 = 0.5: rounds to 0 (even) */
+                to_bf16(x, xb, M * K);
+                expect(lg_linear_q4i8_f32(x, w4, absmax, code, y, M, K, N) == 0, "linear_q4i8 status", M, K, N, 0, 0);
+                lg_linear_q4i8_bf16(xb, w4, absmax, code, yb, M, K, N);
+                for (int pass = 0; pass < 2; pass++)
+                    for (int64_t m = 0; m < M; m++)
+                        for (int64_t n = 0; n < N; n++) {
+                            double exact = 0, size = 0;
+                            for (int64_t block = 0; block < K / 64; block++) {
+                                float values[64], largest = 0;
+                                for (int i = 0; i < 64; i++) {
+                                    int64_t at = m * K + block * 64 + i;
+                                    values[i] = pass ? bf16_to_float(xb[at]) : x[at];
+                                    largest = fmaxf(largest, fabsf(values[i]));
+                                }
+                                float inverse = largest > 0 ? 127.0f / largest : 0.0f;
+                                int64_t dot = 0;
+                                for (int i = 0; i < 64; i++) {
+                                    int64_t k = block * 64 + i;
+                                    uint8_t byte = w4[(n * K + k) / 2];
+                                    long q = lrintf(values[i] * inverse);
+                                    long wq = lrintf(code[k % 2 ? byte & 15 : byte >> 4] * 127.0f);
+                                    dot += q * wq;
+                                }
+                                double term = (double)absmax[n * K / 64 + block] * (largest / 127.0f) * dot / 127.0;
+                                exact += term, size += fabs(term);
+                            }
+                            double got = pass ? bf16_to_float(yb[m * N + n]) : y[m * N + n];
+                            double slack = pass ? 0.0079 * fabs(exact) : 0;
+                            expect(fabs(got - exact) <= slack + 1e-6 * size + 1e-6,
+                                   pass ? "linear_q4i8_bf16" : "linear_q4i8_f32", M, K, N, got, exact);
+                        }
+                free(w4), free(absmax), free(x), free(y), free(xb), free(yb);
+            }
+}
+
 int main(void) {
     check_linear();
     check_attention();
     check_elementwise();
     check_decoder_block();
     check_quantized();
+    check_quantized_int8_activations();
     printf("native_check %s: %d of %d checks passed\n", lg_isa(), checks - failures, checks);
     return failures != 0;
 }

@@ -11,7 +11,7 @@ import logging
 import pytest
 import torch
 
-from helpers import run_cli, stored_weight, tiny_model
+from helpers import assert_clean_error, run_cli, stored_weight, tiny_model
 from localgpt import native
 from localgpt.backends.native import NativeBlock, NativeQuantizedLinear, native_quantized
 from localgpt.checkpoint import read_safetensors_header
@@ -176,3 +176,85 @@ def test_a_tied_head_quantizes_as_an_untied_copy_and_loads_in_transformers(tmp_p
     # 8-bit: bitsandbytes rounds the head's inputs to int8, which magnifies last-bit differences in them
     assert (got - expected).abs().max() < (0.05 if bits == "8" else 1e-4)
     assert torch.equal(got.argmax(), expected.argmax())
+
+
+def int8_activation_product(x: torch.Tensor, stored: QuantizedWeight) -> torch.Tensor:
+    """The int8-activation 4-bit product as kernels.c defines it, in torch: x (M, K) rounded per 64-value block
+    (scale max |x| / 127, to nearest even), the code to round(127 code), exact integer sums per block in float64,
+    each scaled by absmax · scale / 127."""
+    M, K = x.shape
+    N = stored.shape[0]
+    blocks = x.float().reshape(M, K // 64, 64)
+    largest = blocks.abs().amax(-1, keepdim=True)
+    # a true float32 division, as the kernel's (127.0 / tensor would be a reciprocal times 127: other last bits)
+    inverse = torch.where(largest > 0, torch.full_like(largest, 127.0) / largest, torch.zeros_like(largest))
+    values = torch.round(blocks * inverse).clamp(-127, 127).double()
+    packed = stored.data.reshape(-1)
+    nibbles = torch.stack([packed >> 4, packed & 15], -1).reshape(N, K // 64, 64).long()  # first value: high nibble
+    weights = torch.round(stored.code.float() * 127).clamp(-127, 127).double()[nibbles]
+    sums = torch.einsum("mbk,nbk->mnb", values, weights)
+    scales = stored.scale.float().reshape(N, K // 64)[None] * (largest / 127.0).reshape(M, 1, K // 64)
+    return (sums * scales.double()).sum(-1) / 127
+
+
+@pytest.mark.parametrize("form", ["nf4", "fp4", "nf4-double"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_activation_products_are_the_integer_products_they_define(bnb, form, dtype):
+    """linear_q4i8 against its definition (int8_activation_product): rows 1-6 and 16 (the row blocks, a
+    remainder, the most decoding takes), blocks of zeros, and values at exactly half a step, which round to even;
+    and, as a measure of what the opt-in costs, within a few percent of bitsandbytes' float product."""
+    torch.manual_seed(0)
+    for N, K in SHAPES:
+        stored, dequantized = stored_weight(torch.randn(N, K), form, bnb)
+        for M in (1, 2, 3, 4, 5, 6, 16):
+            x = torch.randn(M, K).to(dtype)
+            x[0, :64] = 0
+            if K >= 128:
+                x[0, 64:66] = torch.tensor([1.25, 0.5 * 1.25 / 127])  # 0.5 · 127 / 1.25 · 1.25 / 127 → 0.5 → 0
+            got = native.quantized_linear(x, stored, int8_activations=True)
+            assert got.dtype == dtype and got.shape == (M, N)
+            expected = int8_activation_product(x, stored)
+            size = (x.float().abs() @ dequantized.abs().T).double()
+            slack = 2 ** -8 * expected.abs() if dtype == torch.bfloat16 else 0
+            assert ((got.double() - expected).abs() <= slack + 1e-6 * size + 1e-6).all(), (form, N, K, M)
+            reference = x.float() @ dequantized.T
+            assert (got.float() - reference).norm() <= 0.03 * reference.norm(), (form, N, K, M)
+
+
+def test_int8_activations_switch_whole_layers_and_per_op_alike(tmp_path):
+    """use_int8_activations on a 4-bit model: every native 4-bit product says so, the whole-layer kernel and the
+    per-op path give the same bits, and the first logits move off the float-activation ones by little."""
+    from localgpt.backends import use_int8_activations
+    from localgpt.backends.native import install
+    from localgpt.backends.native import use_int8_activations as native_int8_activations
+
+    tiny_model(tmp_path, "llama")
+    spec = parse_spec("nf4", "float32", skip="")
+    prompt = torch.tensor([[1, 5, 9, 33, 70, 2, 100, 4, 17, 250]])
+    model = load_weights(tmp_path, load_config(tmp_path), torch.float32, CPU, quantize=spec)
+    float_logits = decode_logits(model, prompt)
+    assert use_int8_activations(model) == sum(1 for m in model.modules() if isinstance(m, NativeQuantizedLinear))
+    assert set(model.backend.products) == {"native 4-bit nf4 · int8 activations"}, model.backend.describe()
+    assert isinstance(model.layers[0], NativeBlock)
+    got = decode_logits(model, prompt)
+    per_op = load_weights(tmp_path, load_config(tmp_path), torch.float32, CPU, quantize=spec, backend=None)
+    install(per_op, whole_layers=False)
+    assert not isinstance(per_op.layers[0], NativeBlock)
+    native_int8_activations(per_op)
+    assert torch.equal(decode_logits(per_op, prompt), got)
+    assert not torch.equal(got, float_logits)
+    first = float_logits[:, 0]  # later steps may pick other tokens: a random model's logits are close
+    assert (got[:, 0] - first).abs().max() < 0.05 * first.abs().max()
+
+
+def test_int8_activations_need_a_4_bit_model(tmp_path):
+    """--int8-activations on a float or 8-bit model is refused in one line; on a 4-bit one --stats says it ran."""
+    tiny_model(tmp_path, "llama", tokenizer=True)
+    for flags, said in (([], "not quantized"), (["-q", "8"], "8-bit")):
+        result = run_cli("generate", "hi", "-m", str(tmp_path), "--max-tokens", "2", "--int8-activations", *flags)
+        assert_clean_error(result, 2, "--int8-activations is for 4-bit models")
+        assert said in result.stderr
+    result = run_cli("generate", "hi", "-m", str(tmp_path), "--max-tokens", "2", "-q", "nf4", "--int8-activations",
+                     "--stats", "--no-log")
+    assert result.returncode == 0, result.stderr
+    assert "native 4-bit nf4 · int8 activations" in result.stderr

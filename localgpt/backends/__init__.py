@@ -17,7 +17,7 @@ from collections import Counter
 
 from localgpt.backends.base import BACKENDS, Backend, linear_layers, product_kind
 
-__all__ = ["BACKENDS", "Backend", "install"]
+__all__ = ["BACKENDS", "Backend", "install", "use_int8_activations"]
 
 
 def install(model, name: str | None = "auto", head_only: bool = False) -> Backend | None:
@@ -40,3 +40,18 @@ def install(model, name: str | None = "auto", head_only: bool = False) -> Backen
     backend.products = Counter(product_kind(m) for m in linear_layers(model))
     model.backend = backend
     return backend
+
+
+def use_int8_activations(model) -> int:
+    """Opt in, after install(), to 4-bit products that round their activations to int8 per 64-value block and
+    multiply integers, as llama.cpp's Q4_0 does: faster decoding, no longer bitsandbytes' numerics (the cost in
+    perplexity: docs/quantization.md). Only the native kernels have them; returns how many products switched (0
+    under the torch backend, on a model without 4-bit layers, or without the kernels)."""
+    backend = getattr(model, "backend", None)
+    if backend is None or backend.name != "native":
+        return 0
+    import localgpt.backends.native as native_backend
+
+    switched = native_backend.use_int8_activations(model)
+    backend.products = Counter(product_kind(m) for m in linear_layers(model))
+    return switched

@@ -61,13 +61,19 @@ class NativeQuantizedLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.weight = nn.Parameter(stored.data, requires_grad=False)  # the stored bytes, counted by weight_bytes
         self.localgpt_bits = stored.bits
-        self.product_kind = f"native {stored.bits}-bit" if stored.bits == 8 else f"native 4-bit {stored.quant_type}"
+        self.int8_activations = False  # use_int8_activations() turns it on for 4-bit layers
         self.source = source  # the bitsandbytes class it replaced, for describe()
+
+    @property
+    def product_kind(self) -> str:
+        if self.stored.bits == 8:
+            return "native 8-bit"
+        return f"native 4-bit {self.stored.quant_type}" + (" · int8 activations" if self.int8_activations else "")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.dtype)
         if x.numel() <= DECODE_ROWS * x.shape[-1]:
-            y = native.quantized_linear(x, self.stored)  # (..., out)
+            y = native.quantized_linear(x, self.stored, self.int8_activations)  # (..., out)
             return y if self.bias is None else y + self.bias
         return F.linear(x, native.dequantize(self.stored, self.dtype), self.bias)
 
@@ -205,3 +211,16 @@ def install(model: Transformer, head_only: bool = False, whole_layers: bool = Tr
             else:
                 layers["per op"] += 1
     return Backend("native", isa=native.isa(), layers=layers)
+
+
+def use_int8_activations(model: Transformer) -> int:
+    """Decode every native 4-bit product with int8 activations (native.quantized_linear), the whole-layer kernels
+    included; returns how many products now do. Products of more rows (prompts) still multiply the dequantized
+    weight in float."""
+    switched = [m for m in model.modules() if isinstance(m, NativeQuantizedLinear) and m.stored.bits == 4]
+    for module in switched:
+        module.int8_activations = True
+    for layer in model.layers:
+        if isinstance(layer, NativeBlock):
+            layer.spec.int8_activations = 1
+    return len(switched)
