@@ -975,22 +975,59 @@ QUANTIZED_ENTRY(lg_linear_q4i8_f32, linear_q4i8, uint8_t, float, 0)
 QUANTIZED_ENTRY(lg_linear_q4i8_bf16, linear_q4i8, uint8_t, uint16_t, 1)
 
 /* The whole weight (N, K) in float32 or bfloat16 for products of many rows (a prompt), computed exactly as
- * bitsandbytes' int8_vectorwise_dequant and dequantize_4bit compute it (one rounding of the float32 value). */
-#define DEQUANTIZE(SUFFIX, T, STORE_ONE)                                                                         \
+ * bitsandbytes' int8_vectorwise_dequant and dequantize_4bit compute it (one rounding of the float32 value). 4-bit
+ * looks its values up VL at a time, as the products do (a scalar loop made dequantizing most of a 4-bit prompt's
+ * time), and interleaves each byte's two values back into order. */
+#if VL == 16
+static inline void vinterleave(vf even, vf odd, vf *first, vf *second) {
+    *first = _mm512_permutex2var_ps(even, _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0), odd);
+    *second = _mm512_permutex2var_ps(even, _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8),
+                                     odd);
+}
+static inline void vstore_bf16(uint16_t *p, vf value) { /* round to nearest even, then the top halves */
+    __m512i bits = _mm512_srli_epi32(_mm512_castps_si512(vround_bf16(value)), 16);
+    _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(bits));
+}
+#elif VL == 8
+static inline void vinterleave(vf even, vf odd, vf *first, vf *second) {
+    __m256 low = _mm256_unpacklo_ps(even, odd), high = _mm256_unpackhi_ps(even, odd); /* per 128-bit lane */
+    *first = _mm256_permute2f128_ps(low, high, 0x20), *second = _mm256_permute2f128_ps(low, high, 0x31);
+}
+static inline void vstore_bf16(uint16_t *p, vf value) {
+    __m256i bits = _mm256_srli_epi32(_mm256_castps_si256(vround_bf16(value)), 16);
+    _mm_storeu_si128((__m128i *)p, _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1)));
+}
+#else
+static inline void vinterleave(vf even, vf odd, vf *first, vf *second) {
+    *first = vzip1q_f32(even, odd), *second = vzip2q_f32(even, odd);
+}
+static inline void vstore_bf16(uint16_t *p, vf value) {
+    vst1_u16(p, vshrn_n_u32(vreinterpretq_u32_f32(vround_bf16(value)), 16));
+}
+#endif
+static inline void vstore_f32(float *p, vf value) { vstore_n(p, value, VL); }
+
+#define DEQUANTIZE(SUFFIX, T, STORE_ONE, STORE)                                                                  \
     void lg_dequantize_q8_##SUFFIX(const int8_t *w, const float *scb, T *out, int64_t N, int64_t K) {           \
         _Pragma("omp parallel for") for (int64_t n = 0; n < N; n++) for (int64_t k = 0; k < K; k++)              \
             out[n * K + k] = STORE_ONE((float)w[n * K + k] * scb[n] * INT8_SCALE);                               \
     }                                                                                                            \
-    void lg_dequantize_q4_##SUFFIX(const uint8_t *w, const float *absmax, const float *code, T *out,            \
-                                   int64_t count) {                                                              \
-        _Pragma("omp parallel for") for (int64_t i = 0; i < count / 2; i++) {                                    \
-            float block_scale = absmax[2 * i / Q4_BLOCK];                                                        \
-            out[2 * i] = STORE_ONE(code[w[i] >> 4] * block_scale);                                               \
-            out[2 * i + 1] = STORE_ONE(code[w[i] & 15] * block_scale);                                           \
+    void lg_dequantize_q4_##SUFFIX(const uint8_t *w, const float *absmax, const float *code_values, T *out,     \
+                                   int64_t count) { /* count: whole 64-value blocks */                           \
+        vcode code = vload_code(code_values);                                                                    \
+        _Pragma("omp parallel for") for (int64_t block = 0; block < count / Q4_BLOCK; block++) {                 \
+            vf block_scale = vset(absmax[block]);                                                                \
+            for (int64_t j = block * Q4_BLOCK; j < (block + 1) * Q4_BLOCK; j += 2 * VL) {                        \
+                vi bytes = vload_bytes(w + j / 2);                                                               \
+                vf first, second;                                                                                \
+                vinterleave(vmul(vlookup(code, vhigh_nibbles(bytes)), block_scale),                             \
+                            vmul(vlookup(code, bytes), block_scale), &first, &second);                          \
+                STORE(out + j, first), STORE(out + j + VL, second);                                              \
+            }                                                                                                    \
         }                                                                                                        \
     }
-DEQUANTIZE(f32, float, keep_float)
-DEQUANTIZE(bf16, uint16_t, round_to_bf16_scalar)
+DEQUANTIZE(f32, float, keep_float, vstore_f32)
+DEQUANTIZE(bf16, uint16_t, round_to_bf16_scalar, vstore_bf16)
 
 /* A whole pre-norm decoder layer (Llama, Mistral, Qwen2, SmolLM: RMSNorm, rotary attention, SiLU-gated MLP) for a
  * one-token step of B rows, composed of the kernels above in exactly the order and roundings of the per-op path

@@ -159,6 +159,20 @@ def test_cli_quantize_then_generate(folder, tmp_path, head):
     assert answer.returncode == 0 and "Paris" in answer.stdout, answer.stderr
 
 
+@pytest.mark.parametrize("code", ["nf4", "fp4"])
+def test_int8_activations_answer_paris(folder, code):
+    """4-bit with int8 activations (the kernels' integer products) still answers the France question."""
+    pytest.importorskip("bitsandbytes")
+    answer = subprocess.run([sys.executable, "-m", "localgpt", "generate", "-m", str(folder), "-q", code,
+                             "--int8-activations", "What is the capital of France?", "-t", "0", "-n", "12", "--stats",
+                             "--no-log"], capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert answer.returncode == 0 and "The capital of France is Paris" in answer.stdout, answer.stderr
+    from localgpt import native
+
+    if native.library() is not None:
+        assert f"native 4-bit {code} · int8 activations" in answer.stderr
+
+
 def interrupt_after(args: list[str], marker: str, env: dict | None = None):
     """Start the CLI, press Ctrl-C as soon as it says (under LOCALGPT_TEST_MARKERS=1) that it reached `marker`,
     or printed a line that holds it; return (code, stdout, stderr without the markers)."""

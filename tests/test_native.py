@@ -44,7 +44,7 @@ def test_kernels_compile_for_every_instruction_set_they_claim(tmp_path, isa):
     assert result.returncode == 0, result.stderr
     symbols = subprocess.run(["nm", "-D", "--defined-only", str(library)], capture_output=True, text=True).stdout
     for kernel in ("linear", "attention", "rope_write", "rms_norm", "silu_mul", "decoder_block", "linear_q8",
-                   "linear_q4", "dequantize_q8", "dequantize_q4"):
+                   "linear_q4", "linear_q4i8", "dequantize_q8", "dequantize_q4"):
         assert f"lg_{kernel}_f32" in symbols and f"lg_{kernel}_bf16" in symbols, kernel
 
 
@@ -78,12 +78,14 @@ def test_the_neon_build_passes_its_c_checks_under_qemu(tmp_path):
             pytest.fail("aarch64-linux-gnu-gcc and qemu-aarch64 are required here (apt-get install "
                         "gcc-aarch64-linux-gnu qemu-user)")
         pytest.skip("no aarch64 cross compiler or qemu-aarch64 (apt-get install gcc-aarch64-linux-gnu qemu-user)")
-    check = tmp_path / "check-neon"
-    built = subprocess.run([compiler, *native.NEON_BUILD, "-static", *CHECK_FLAGS, "-o", str(check)],
-                           capture_output=True, text=True, timeout=300)
-    assert built.returncode == 0, built.stderr
-    result = subprocess.run([emulator, str(check)], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0 and "native_check neon:" in result.stdout, result.stdout[-2000:]
+    # the base build, and one with the dot-product extension (sdot) that the int8-activation products use
+    for name, build in (("neon", native.NEON_BUILD), ("neon-dotprod", ["-march=armv8.2-a+dotprod"])):
+        check = tmp_path / f"check-{name}"
+        built = subprocess.run([compiler, *build, "-static", *CHECK_FLAGS, "-o", str(check)],
+                               capture_output=True, text=True, timeout=300)
+        assert built.returncode == 0, built.stderr
+        result = subprocess.run([emulator, str(check)], capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0 and "native_check neon:" in result.stdout, (name, result.stdout[-2000:])
 
 
 @needs_native
