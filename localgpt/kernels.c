@@ -916,6 +916,76 @@ static inline q4_sums q4_dot(q4_block w, const int8_t *x) {
 }
 #endif
 
+#if VL == 16 && defined(__AVX512VNNI__)
+/* With AVX512-VNNI, 128 values (two blocks) a step in 512 bits, which pays where several rows share the weights
+ * (beams): the code is biased to w + 128, an unsigned byte, so vpdpbusd multiplies it by x directly (no sign
+ * flips), and each accumulator starts at -128 Σ x of its lane (q4i8_bias, once per call), which leaves exactly Σ w x.
+ * x's copy holds, per 128 values, the two blocks' even values, then their odd ones; a last single block of 64 is
+ * laid out and computed as above. */
+#define Q4I8_WIDE 1
+typedef struct { __m512i even, odd; } q4_wide; /* w + 128 for two blocks: their even values, their odd values */
+static inline q4_wide q4_wide_decode(__m512i biased_table, const uint8_t *bytes) {
+    __m512i packed = _mm512_loadu_si512(bytes), low4 = _mm512_set1_epi8(15);
+    return (q4_wide){_mm512_shuffle_epi8(biased_table, _mm512_and_si512(_mm512_srli_epi16(packed, 4), low4)),
+                     _mm512_shuffle_epi8(biased_table, _mm512_and_si512(packed, low4))};
+}
+/* Per row and group of 128: the lanes' -128 Σ x (bias) and the two blocks' scales, 8 lanes each (scales). */
+static void q4i8_bias(const int8_t *xq, const float *xs, int64_t M, int64_t K, int32_t *bias, float *scales) {
+    int64_t groups = K / 128;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t group = 0; group < groups; group++) {
+            const int8_t *xp = xq + m * K + group * 128;
+            __m512i offset = _mm512_set1_epi8((char)128), sums = _mm512_setzero_si512();
+            sums = _mm512_dpbusd_epi32(sums, offset, _mm512_loadu_si512(xp));
+            sums = _mm512_dpbusd_epi32(sums, offset, _mm512_loadu_si512(xp + 64));
+            int64_t at = m * groups + group;
+            _mm512_storeu_si512(bias + 16 * at, _mm512_sub_epi32(_mm512_setzero_si512(), sums));
+            for (int lane = 0; lane < 16; lane++) scales[16 * at + lane] = xs[m * (K / Q4_BLOCK) + 2 * group + lane / 8];
+        }
+}
+#define Q4I8_WIDE_ROW(MB)                                                                                        \
+    {                                                                                                            \
+        __m512 acc[MB];                                                                                          \
+        float tail[MB];                                                                                          \
+        for (int m = 0; m < MB; m++) acc[m] = _mm512_setzero_ps(), tail[m] = 0;                                  \
+        const uint8_t *wr = w + n * (K / 2);                                                                     \
+        const float *row_absmax = scale + n * (K / Q4_BLOCK);                                                    \
+        int64_t groups = K / 128;                                                                                \
+        for (int64_t group = 0; group < groups; group++) {                                                       \
+            q4_wide weights = q4_wide_decode(biased_table, wr + group * 64);                                     \
+            __m512 absmax = vgroup_scales(row_absmax, group);                                                    \
+            for (int m = 0; m < MB; m++) {                                                                       \
+                const int8_t *xp = xr + m * K + group * 128;                                                     \
+                int64_t at = (m0 + m) * groups + group;                                                          \
+                __m512i sums = _mm512_dpbusd_epi32(_mm512_loadu_si512(bias + 16 * at), weights.even,             \
+                                                   _mm512_loadu_si512(xp));                                      \
+                sums = _mm512_dpbusd_epi32(sums, weights.odd, _mm512_loadu_si512(xp + 64));                      \
+                acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums),                                               \
+                                         _mm512_mul_ps(absmax, _mm512_loadu_ps(scales + 16 * at)), acc[m]);      \
+            }                                                                                                    \
+        }                                                                                                        \
+        if (K % 128) { /* the last block of 64 */                                                                \
+            int64_t block = K / Q4_BLOCK - 1;                                                                    \
+            q4_block weights = q4_decode(table, wr + block * Q4I8_HALF);                                         \
+            for (int m = 0; m < MB; m++)                                                                         \
+                tail[m] = q4_total(q4_dot(weights, xr + m * K + block * Q4_BLOCK), q4_zero()) *                  \
+                          (row_absmax[block] * xs[(m0 + m) * (K / Q4_BLOCK) + block]);                           \
+        }                                                                                                        \
+        for (int m = 0; m < MB; m++) yr[m * N + n] = (_mm512_reduce_add_ps(acc[m]) + tail[m]) * INT8_SCALE;      \
+    }
+#else
+#define Q4I8_WIDE 0
+#endif
+
+/* Where value k of a row goes in x's int8 copy: per block its even values then its odd ones, or with Q4I8_WIDE,
+ * per group of 128 both blocks' even values then both blocks' odd ones. */
+static inline int64_t q4i8_position(int64_t K, int64_t k) {
+    int64_t i = k % Q4_BLOCK;
+    if (Q4I8_WIDE && k < K / 128 * 128)
+        return k / 128 * 128 + i % 2 * Q4_BLOCK + k % 128 / Q4_BLOCK * Q4I8_HALF + i / 2;
+    return k - i + i % 2 * Q4I8_HALF + i / 2;
+}
+
 /* One weight row n against MB rows of x's int8 copy (xq, K apart, with one scale per block in xs). */
 #define Q4I8_ROW(MB)                                                                                             \
     {                                                                                                            \
@@ -934,7 +1004,7 @@ static inline q4_sums q4_dot(q4_block w, const int8_t *x) {
         for (int m = 0; m < MB; m++) yr[m * N + n] = q4_total(acc[m][0], acc[m][1]) * INT8_SCALE;               \
     }
 
-/* x (M, K) as int8 per 64-value block, each block's even values then its odd ones, and the blocks' scales. */
+/* x (M, K) as int8 per 64-value block, placed as q4i8_position says, and the blocks' scales. */
 static void int8_blocks(const void *x, int bf16, int64_t M, int64_t K, int8_t *xq, float *xs) {
     for (int64_t row_block = 0; row_block < M * (K / Q4_BLOCK); row_block++) {
         float values[Q4_BLOCK], lanes_largest[VL], largest = 0;
@@ -951,8 +1021,8 @@ static void int8_blocks(const void *x, int bf16, int64_t M, int64_t K, int8_t *x
         xs[row_block] = largest / 127.0f;
         for (int i = 0; i < Q4_BLOCK; i += VL) /* to nearest even, as torch.round */
             vstore_n(values + i, vmin(vmax(vround_int(vmul(vload(values + i), inverse)), low), high), VL);
-        int8_t *out = xq + row_block * Q4_BLOCK;
-        for (int i = 0; i < Q4_BLOCK; i++) out[i % 2 * Q4I8_HALF + i / 2] = (int8_t)values[i];
+        int64_t row = row_block / (K / Q4_BLOCK), first = row_block % (K / Q4_BLOCK) * Q4_BLOCK;
+        for (int i = 0; i < Q4_BLOCK; i++) xq[row * K + q4i8_position(K, first + i)] = (int8_t)values[i];
     }
 }
 
@@ -967,6 +1037,23 @@ static int linear_q4i8(const void *x, int bf16, const uint8_t *w, const float *s
         code[i] = (int8_t)(rounded > 127 ? 127 : rounded < -127 ? -127 : rounded);
     }
     __typeof__(q4_table(code)) table = q4_table(code);
+#if Q4I8_WIDE
+    if (K >= 128) {
+        int64_t groups = M * (K / 128);
+        int32_t *bias = malloc(sizeof(int32_t) * 16 * groups);
+        float *scales = malloc(sizeof(float) * 16 * groups);
+        uint8_t biased[16];
+        for (int i = 0; i < 16; i++) biased[i] = (uint8_t)(code[i] + 128);
+        __m512i biased_table = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)biased));
+        if (bias && scales) {
+            q4i8_bias(xq, xs, M, K, bias, scales);
+            FOR_ROW_BLOCKS(int8_t, xq, float, y, Q4I8_WIDE_ROW)
+        }
+        int failed = !bias || !scales;
+        free(bias), free(scales), free(xq), free(xs);
+        return failed ? -1 : 0;
+    }
+#endif
     FOR_ROW_BLOCKS(int8_t, xq, float, y, Q4I8_ROW)
     free(xq), free(xs);
     return 0;
