@@ -844,8 +844,10 @@ QUANTIZED_ENTRY(lg_linear_q4_bf16, LINEAR_Q4_FOR_BF16, uint8_t, uint16_t, 1)
  * odd ones, so that a byte's two nibbles meet their values without a shuffle. */
 #define Q4I8_HALF (Q4_BLOCK / 2)
 #if defined(__x86_64__)
-/* 256 bits on every x86 build: measured on a Xeon with AVX-512, the 512-bit form of this loop (one shuffle per
- * block, masked sign flips) was slower than two 256-bit halves, which also run on a third port there. */
+/* One block a step in 256 bits, |w| times x with w's sign (vpmaddubsw multiplies an unsigned byte by a signed
+ * one): every x86 build has it, and AVX-512 builds use it without VNNI and for a row's last single block. A
+ * 512-bit form of this loop (masked sign flips) measured slower than the two 256-bit halves on a Xeon; with VNNI
+ * the wide form below avoids the sign flips altogether. */
 typedef __m256 q4_sums;
 static inline q4_sums q4_zero(void) { return _mm256_setzero_ps(); }
 static inline q4_sums q4_fma(q4_sums a, float b, q4_sums c) {
