@@ -60,8 +60,8 @@ QUANTIZE_OPTION = typer.Option(
 INT8_ACTIVATIONS_OPTION = typer.Option(
     False, "--int8-activations",
     help="4-bit models: decode with each layer's input rounded to int8 per 64 values and integer products, as "
-         "llama.cpp's Q4_0 does. Faster, most of all on AVX2 and ARM; no longer bitsandbytes' float numerics "
-         "(perplexity: docs/quantization.md).",
+         "llama.cpp's Q4_0 does. Faster, most of all on AVX2 (docs/benchmarks.md); no longer bitsandbytes' float "
+         "numerics (perplexity: docs/quantization.md).",
 )
 
 

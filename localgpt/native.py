@@ -256,8 +256,7 @@ def quantized_linear(x: torch.Tensor, stored, int8_activations: bool = False) ->
     out = torch.empty(*x.shape[:-1], N, dtype=x.dtype)
     weights, scales, code = _quantized_pointers(stored)
     name = "linear_q4i8" if int8_activations and stored.bits == 4 else f"linear_q{stored.bits}"
-    status = kernel(name, x.dtype)(x.data_ptr(), weights, scales, code, out.data_ptr(),
-                                                       x.numel() // K, K, N)
+    status = kernel(name, x.dtype)(x.data_ptr(), weights, scales, code, out.data_ptr(), x.numel() // K, K, N)
     if status != 0:
         raise MemoryError("the native quantized product could not allocate its scratch memory")
     return out
