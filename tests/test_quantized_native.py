@@ -258,3 +258,20 @@ def test_int8_activations_need_a_4_bit_model(tmp_path):
                      "--stats", "--no-log")
     assert result.returncode == 0, result.stderr
     assert "native 4-bit nf4 · int8 activations" in result.stderr
+
+
+def test_bfloat16_prompts_multiply_in_float32_without_amx(bnb):
+    """A bfloat16 4-bit layer's prompt (more rows than decoding takes) is F.linear of the float32 dequantized
+    weight, rounded once to bfloat16, unless the CPU has AMX tiles (where bfloat16 matmul is the faster one)."""
+    from localgpt.backends.native import prompt_dtype
+
+    has_amx = "amx_bf16" in native.cpu_flags()
+    assert prompt_dtype(torch.bfloat16) == (torch.bfloat16 if has_amx else torch.float32)
+    assert prompt_dtype(torch.float32) == torch.float32
+    stored, _ = stored_weight(torch.randn(48, 576), "nf4", bnb)
+    spec = QuantSpec(bits=4, quant_type="nf4", compute_dtype=torch.bfloat16)
+    layer = native_quantized(make_module(stored, None, spec, bnb, CPU), torch.bfloat16)
+    x = torch.randn(1, 40, 576).bfloat16()
+    weight = native.dequantize(stored, layer.prompt_dtype)
+    expected = torch.nn.functional.linear(x.to(layer.prompt_dtype), weight).bfloat16()
+    assert torch.equal(layer(x), expected)
