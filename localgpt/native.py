@@ -38,6 +38,8 @@ ISA_BUILDS = {  # gcc flags on top of the plain x86-64 baseline, for each build 
     "avx2": ["-march=x86-64", "-mavx2", "-mfma"],
     "avx512": ["-march=x86-64", *(f"-m{flag}" for flag in sorted(ISA_FLAGS["avx512"]))],
     "avx512-bf16": ["-march=x86-64", *(f"-m{flag}" for flag in sorted(ISA_FLAGS["avx512"])), "-mavx512bf16"],
+    # optional too: the int8-activation products' 512-bit vpdpbusd form (kernels.c: __AVX512VNNI__)
+    "avx512-vnni": ["-march=x86-64", *(f"-m{flag}" for flag in sorted(ISA_FLAGS["avx512"])), "-mavx512vnni"],
 }
 NEON_BUILD = ["-march=armv8-a"]  # with an aarch64 compiler (the tests cross-compile it and run it under qemu-user)
 MACHINES = ("x86_64", "aarch64")

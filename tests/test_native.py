@@ -51,7 +51,8 @@ def test_kernels_compile_for_every_instruction_set_they_claim(tmp_path, isa):
 CHECK_SOURCE = Path(__file__).with_name("native_check.c")
 CHECK_FLAGS = ["-O2", "-fopenmp", "-ffp-contract=off", f"-I{native.SOURCE.parent}", str(CHECK_SOURCE), "-lm"]
 RUNS_ON = {"avx2": native.ISA_FLAGS["avx2"], "avx512": native.ISA_FLAGS["avx512"],
-           "avx512-bf16": native.ISA_FLAGS["avx512"] | {native.BF16_FLAG}}
+           "avx512-bf16": native.ISA_FLAGS["avx512"] | {native.BF16_FLAG},
+           "avx512-vnni": native.ISA_FLAGS["avx512"] | {"avx512_vnni"}}
 
 
 @pytest.mark.skipif(native.find_compiler() is None or platform.machine() != "x86_64", reason="no x86-64 C compiler")
