@@ -13,31 +13,16 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-TEXT = ROOT / "tests" / "data" / "perplexity.txt"
+from bench_quantize import ROOT, TEXT, perplexity  # the same text and measure, run from this folder
+
+from localgpt.backends.base import DECODE_ROWS  # passes of this many tokens go through the decoding kernels
+
 LAYOUTS = {"default": [], "head quantized": ["--quantize-head"], "everything": ["--skip", "", "--quantize-head"]}
-DECODE_ROWS = 16  # passes of this many tokens multiply through the decoding kernels (backends.base.DECODE_ROWS)
-
-
-def decoding_perplexity(model, ids: list[int]) -> float:
-    import torch
-
-    cache = model.make_cache(1, len(ids))
-    nll, count = 0.0, 0
-    with torch.inference_mode():
-        for start in range(0, len(ids) - 1, DECODE_ROWS):
-            piece = ids[start : start + DECODE_ROWS]
-            logits = model(torch.tensor([piece]), cache, start, last_only=False)[0].float()
-            targets = torch.tensor(ids[start + 1 : start + 1 + len(piece)])
-            nll += torch.nn.functional.cross_entropy(logits[: len(targets)], targets, reduction="sum").item()
-            count += len(targets)
-    return math.exp(nll / count)
 
 
 def measure(folder: Path, int8_activations: bool) -> tuple[float, str, str]:
@@ -51,7 +36,7 @@ def measure(folder: Path, int8_activations: bool) -> tuple[float, str, str]:
     answer = loaded.tokenizer.decode(list(generate_tokens(loaded.model, ids, SamplingOptions(temperature=0), 20,
                                                           loaded.tokenizer.eos_token_ids))).strip()
     text = loaded.tokenizer.encode(TEXT.read_text(encoding="utf-8"))
-    return decoding_perplexity(loaded.model, text), answer, loaded.model.backend.describe()
+    return perplexity(loaded.model, text, chunk=DECODE_ROWS), answer, loaded.model.backend.describe()
 
 
 def main() -> None:
