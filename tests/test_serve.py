@@ -343,14 +343,24 @@ def test_the_port_is_busy(folder, tmp_path):
 
 def test_serving_is_one_worker_thread_batching(server):
     """The figures for docs/benchmarks.md come from benchmarks/bench_serve.py; here only that the batch engine
-    is what serves (several streams overlap in time rather than queueing one by one)."""
+    is what serves: several streams produce tokens at once rather than queueing one by one (with --parallel 1
+    this fails).
+
+    The clients are made beforehand and the requests leave together (building an openai client takes ~100 ms,
+    which once let a 40-token answer finish before the last request had arrived), and each answer is 200 tokens,
+    so that arrival jitter is small next to a stream's length. The first chunk, the role, is sent before the
+    job reaches the engine, so a stream starts at its first chunk with text."""
     torch.manual_seed(0)
+    clients = [server.client() for _ in range(4)]
+    together = threading.Barrier(4)
     started: dict[int, float] = {}
     finished: dict[int, float] = {}
 
     def stream(index: int) -> None:
-        for _chunk in chat(server.client(), f"Overlap {index}", max_tokens=40, temperature=0, stream=True):
-            started.setdefault(index, time.monotonic())
+        together.wait(timeout=60)
+        for chunk in chat(clients[index], f"Overlap {index}", max_tokens=200, temperature=0, stream=True):
+            if chunk.choices and chunk.choices[0].delta.content:
+                started.setdefault(index, time.monotonic())
         finished[index] = time.monotonic()
 
     threads = [threading.Thread(target=stream, args=(i,)) for i in range(4)]
@@ -358,7 +368,7 @@ def test_serving_is_one_worker_thread_batching(server):
         thread.start()
     for thread in threads:
         thread.join(timeout=120)
-    assert len(finished) == 4
+    assert len(finished) == 4 and len(started) == 4
     assert max(started.values()) < min(finished.values())  # all four were streaming at once
 
 
