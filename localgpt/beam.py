@@ -143,7 +143,7 @@ def beam_search_steps(model: Transformer, prompt_ids: Sequence[int], sampling: S
         if settled:
             committed += len(settled)
             yield settled
-        cache.reorder(running_source)
+        cache.reorder(running_source, shared=prompt_len)  # the prompt's positions are every row's, from one prefill
         logits = advance(model, running, cache, cur_len)
 
     count = beams.num_return_sequences

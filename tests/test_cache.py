@@ -94,3 +94,38 @@ def test_reordering_rows_moves_whole_rings(pair):
         assert torch.equal(layer.keys[0, :, layer.filled()], old[1, :, layer.filled()])
     step = model(torch.tensor([[7], [7]]), cache)  # both rows are now row 1: the same token gives the same logits
     assert torch.equal(step[0], step[1])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("length, shared", [(9, 6), (3, 2)])  # past the window (rings wrapped), and within it
+def test_reordering_from_a_shared_prefix_moves_only_what_follows_it(pair, length, shared):
+    """Beam search says the prompt's positions are every row's (cache.reorder(..., shared=P)): a layer in order
+    moves only positions P on, a wrapped ring (no order to cut at) moves whole, and the rows then decode exactly as
+    after a full copy."""
+    _, model = pair
+    rows = torch.cat([ids(length, seed=3), ids(length, seed=4)])
+    full, partial = model.make_cache(2, 16), model.make_cache(2, 16)
+    prefill(model, rows, full)
+    prefill(model, rows, partial)
+    before = [layer.keys.clone() for layer in partial.layers]
+    full.reorder(torch.tensor([1, 1]))
+    partial.reorder(torch.tensor([1, 1]), shared=shared)
+    in_order = 0
+    for layer, old in zip(partial.layers, before, strict=True):
+        filled = layer.filled()
+        if layer.ring and layer.length > layer.slots:
+            assert torch.equal(layer.keys[0, :, filled], old[1, :, filled])
+        else:
+            in_order += 1
+            assert torch.equal(layer.keys[0, :, :shared], old[0, :, :shared])  # row 0 kept its own shared positions
+            assert torch.equal(layer.keys[0, :, shared:length], old[1, :, shared:length])
+            assert torch.equal(layer.values[0, :, shared:length], layer.values[1, :, shared:length])
+    assert in_order > 0 or length > WINDOW
+    same = torch.cat([ids(length, seed=3), ids(length, seed=3)])  # rows that truly share every position
+    kept, copied = model.make_cache(2, 16), model.make_cache(2, 16)
+    prefill(model, same, kept)
+    prefill(model, same, copied)
+    kept.reorder(torch.tensor([1, 0]), shared=length)
+    copied.reorder(torch.tensor([1, 0]))
+    step = torch.tensor([[7], [8]])
+    assert torch.equal(model(step, kept), model(step, copied))
