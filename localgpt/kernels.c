@@ -652,11 +652,12 @@ static const float INT8_SCALE = 7.874015718698502e-3f; /* 1 / 127, the constant 
         for (int m = 0; m < MB; m++) yr[m * N + n] = (vsum(vadd(acc[m][0], acc[m][1])) + tail[m]) * row_scale;  \
     }
 
+#if VL == 16
 /* One weight row n of 4-bit values against MB rows of x. The row is read in groups of 8 VL values, VL 32-bit
  * words of 8 nibbles each: the nibble at bit 4 s of every word is one vector of weights, so a group costs one load
  * and 8 lookups (shifts, no byte shuffles). Word j holds values 8 j .. 8 j + 7 of its group, the first of each byte
- * in the high nibble, so nibble s is value 8 j + (s ^ 1): x's copy is reordered to match (widened_rows).
- * A row whose length is not whole groups (AVX-512: 576 = 4.5 x 128) ends with its last 64-value blocks read VL bytes
+ * in the high nibble, so nibble s is value 8 j + (s ^ 1): x's copy is reordered to match (q4_position).
+ * A row whose length is not whole groups (576 = 4.5 x 128) ends with its last 64-value blocks read VL bytes
  * at a time, the high nibbles (VL even values) then the low ones (VL odd values). */
 #define Q4_GROUP (8 * VL)
 #define Q4_ROW(MB)                                                                                               \
@@ -699,6 +700,109 @@ static const float INT8_SCALE = 7.874015718698502e-3f; /* 1 / 127, the constant 
         for (int m = 0; m < MB; m++) yr[m * N + n] = vsum(acc[m]);                                               \
     }
 
+#define Q4_CODE(values) vcode code = vload_code(values); (void)code;
+static int64_t q4_position(int64_t k, int64_t K) { /* where x's value k goes in the copy Q4_ROW reads */
+    if (k < K / Q4_GROUP * Q4_GROUP) { /* a whole group: value 8 j + (s ^ 1) → s VL + j */
+        int64_t group = k / Q4_GROUP * Q4_GROUP, offset = k % Q4_GROUP;
+        return group + (offset % 8 ^ 1) * VL + offset / 8;
+    } /* the last blocks: per 2 VL values, the even ones then the odd ones */
+    int64_t group = k / (2 * VL) * (2 * VL), offset = k % (2 * VL);
+    return group + (offset % 2) * VL + offset / 2;
+}
+#else
+/* AVX2 and NEON have no 16-entry float permute (AVX2's is two 8-entry ones and a blend: five instructions per 8
+ * weights; NEON's lookup was four scalar reads). Their 16-entry byte shuffle (vpshufb per 128-bit lane, tbl) is one
+ * instruction, so the code is looked up as its four byte planes: four shuffles give byte j of code[nibble] for
+ * 4 VL nibbles, and two rounds of byte then 16-bit interleaves (unpack, zip) rebuild the 4 VL float32 values, bit
+ * for bit. A 64-value block (32 bytes) is Q4_CHUNKS loads of 4 VL bytes; each gives its high nibbles (the even values)
+ * then its low ones (the odd values), 4 vectors each. Within a 16-byte lane, vector r holds bytes 4 r .. 4 r + 3,
+ * so x's copy is reordered to match (q4_position). */
+#if VL == 8
+typedef __m256i vbytes;
+typedef struct { __m256i plane[4]; } vplanes;
+static inline vbytes vload_chunk(const uint8_t *p) { return _mm256_loadu_si256((const __m256i *)p); }
+static inline vbytes vhigh_nibble_bytes(vbytes b) { return _mm256_and_si256(_mm256_srli_epi16(b, 4), _mm256_set1_epi8(15)); }
+static inline vbytes vlow_nibble_bytes(vbytes b) { return _mm256_and_si256(b, _mm256_set1_epi8(15)); }
+static inline vbytes vbroadcast_table(const uint8_t *table) {
+    return _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)table));
+}
+static inline void vlookup_planes(const vplanes *code, vbytes index, vf out[4]) {
+    vbytes b0 = _mm256_shuffle_epi8(code->plane[0], index), b1 = _mm256_shuffle_epi8(code->plane[1], index);
+    vbytes b2 = _mm256_shuffle_epi8(code->plane[2], index), b3 = _mm256_shuffle_epi8(code->plane[3], index);
+    vbytes low01 = _mm256_unpacklo_epi8(b0, b1), high01 = _mm256_unpackhi_epi8(b0, b1);
+    vbytes low23 = _mm256_unpacklo_epi8(b2, b3), high23 = _mm256_unpackhi_epi8(b2, b3);
+    out[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(low01, low23));
+    out[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(low01, low23));
+    out[2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(high01, high23));
+    out[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(high01, high23));
+}
+#else
+typedef uint8x16_t vbytes;
+typedef struct { uint8x16_t plane[4]; } vplanes;
+static inline vbytes vload_chunk(const uint8_t *p) { return vld1q_u8(p); }
+static inline vbytes vhigh_nibble_bytes(vbytes b) { return vshrq_n_u8(b, 4); }
+static inline vbytes vlow_nibble_bytes(vbytes b) { return vandq_u8(b, vdupq_n_u8(15)); }
+static inline vbytes vbroadcast_table(const uint8_t *table) { return vld1q_u8(table); }
+static inline void vlookup_planes(const vplanes *code, vbytes index, vf out[4]) {
+    uint8x16_t b0 = vqtbl1q_u8(code->plane[0], index), b1 = vqtbl1q_u8(code->plane[1], index);
+    uint8x16_t b2 = vqtbl1q_u8(code->plane[2], index), b3 = vqtbl1q_u8(code->plane[3], index);
+    uint16x8_t low01 = vreinterpretq_u16_u8(vzip1q_u8(b0, b1)), high01 = vreinterpretq_u16_u8(vzip2q_u8(b0, b1));
+    uint16x8_t low23 = vreinterpretq_u16_u8(vzip1q_u8(b2, b3)), high23 = vreinterpretq_u16_u8(vzip2q_u8(b2, b3));
+    out[0] = vreinterpretq_f32_u16(vzip1q_u16(low01, low23));
+    out[1] = vreinterpretq_f32_u16(vzip2q_u16(low01, low23));
+    out[2] = vreinterpretq_f32_u16(vzip1q_u16(high01, high23));
+    out[3] = vreinterpretq_f32_u16(vzip2q_u16(high01, high23));
+}
+#endif
+static inline vplanes vload_planes(const float *code_values) {
+    uint8_t tables[4][16];
+    for (int c = 0; c < 16; c++) {
+        uint32_t bits;
+        __builtin_memcpy(&bits, code_values + c, 4);
+        for (int j = 0; j < 4; j++) tables[j][c] = (uint8_t)(bits >> (8 * j)); /* little-endian: byte 0 lowest */
+    }
+    vplanes planes;
+    for (int j = 0; j < 4; j++) planes.plane[j] = vbroadcast_table(tables[j]);
+    return planes;
+}
+#define Q4_CHUNK (4 * VL)            /* nibbles, bytes in each shuffle */
+#define Q4_CHUNKS (Q4_BLOCK / 2 / Q4_CHUNK)
+#define Q4_ROW(MB)                                                                                               \
+    {                                                                                                            \
+        vf acc[MB];                                                                                              \
+        for (int m = 0; m < MB; m++) acc[m] = vzero();                                                           \
+        const uint8_t *wr = w + n * (K / 2);                                                                     \
+        const float *row_absmax = scale + n * (K / Q4_BLOCK);                                                    \
+        for (int64_t block = 0; block < K / Q4_BLOCK; block++) {                                                 \
+            vf sum[MB][2];                                                                                       \
+            for (int m = 0; m < MB; m++) sum[m][0] = sum[m][1] = vzero();                                        \
+            const float *xp = xr + block * Q4_BLOCK;                                                             \
+            for (int chunk = 0; chunk < Q4_CHUNKS; chunk++) {                                                    \
+                vbytes bytes = vload_chunk(wr + block * (Q4_BLOCK / 2) + chunk * Q4_CHUNK);                      \
+                for (int half = 0; half < 2; half++) {                                                           \
+                    vf weights[4];                                                                               \
+                    vlookup_planes(&planes, half ? vlow_nibble_bytes(bytes) : vhigh_nibble_bytes(bytes), weights); \
+                    const float *xv = xp + (chunk * 2 + half) * Q4_CHUNK;                                        \
+                    for (int r = 0; r < 4; r++)                                                                  \
+                        for (int m = 0; m < MB; m++)                                                             \
+                            sum[m][r & 1] = vfma(vload(xv + m * K + r * VL), weights[r], sum[m][r & 1]);         \
+                }                                                                                                \
+            }                                                                                                    \
+            vf block_scale = vset(row_absmax[block]);                                                            \
+            for (int m = 0; m < MB; m++) acc[m] = vfma(vadd(sum[m][0], sum[m][1]), block_scale, acc[m]);         \
+        }                                                                                                        \
+        for (int m = 0; m < MB; m++) yr[m * N + n] = vsum(acc[m]);                                               \
+    }
+
+#define Q4_CODE(values) vplanes planes = vload_planes(values); (void)planes;
+static int64_t q4_position(int64_t k, int64_t K) { /* where x's value k goes in the copy Q4_ROW reads */
+    (void)K;
+    int64_t block = k / Q4_BLOCK * Q4_BLOCK, byte = k % Q4_BLOCK / 2, chunk = byte / Q4_CHUNK;
+    int64_t in_chunk = byte % Q4_CHUNK, lane = in_chunk / 16, r = in_chunk % 16 / 4;
+    return block + ((chunk * 2 + k % 2) * 4 + r) * VL + lane * 4 + in_chunk % 4;
+}
+#endif
+
 /* x (M, K) in float32 for the quantized rows: a copy where x is bfloat16 or the 4-bit order needs one. */
 static float *widened_rows(const void *x, int bf16, int deinterleave, int64_t M, int64_t K) {
     if (!bf16 && !deinterleave) return (float *)x;
@@ -707,14 +811,7 @@ static float *widened_rows(const void *x, int bf16, int deinterleave, int64_t M,
     for (int64_t m = 0; m < M; m++)
         for (int64_t k = 0; k < K; k++) {
             float value = bf16 ? bf16_to_float(((const uint16_t *)x)[m * K + k]) : ((const float *)x)[m * K + k];
-            int64_t at = k;
-            if (deinterleave && k < K / Q4_GROUP * Q4_GROUP) { /* a whole group: value 8 j + (s ^ 1) → s VL + j */
-                int64_t group = k / Q4_GROUP * Q4_GROUP, offset = k % Q4_GROUP;
-                at = group + (offset % 8 ^ 1) * VL + offset / 8;
-            } else if (deinterleave) { /* the last blocks: per 2 VL values, the even ones then the odd ones */
-                int64_t group = k / (2 * VL) * (2 * VL), offset = k % (2 * VL);
-                at = group + (offset % 2) * VL + offset / 2;
-            }
+            int64_t at = deinterleave ? q4_position(k, K) : k;
             out[m * K + at] = value;
         }
     return out;
@@ -726,8 +823,7 @@ static float *widened_rows(const void *x, int bf16, int deinterleave, int64_t M,
                     float *y, int64_t M, int64_t K, int64_t N) {                                                 \
         const float *xs = widened_rows(x, bf16, DEINTERLEAVE, M, K);                                             \
         if (!xs) return -1;                                                                                      \
-        vcode code = vload_code(code_values ? code_values : (const float[16]){0}); /* 8-bit: unused */           \
-        (void)code;                                                                                              \
+        Q4_CODE(code_values ? code_values : (const float[16]){0}) /* 8-bit: unused */                           \
         FOR_ROW_BLOCKS(float, xs, float, y, ROW)                                                                 \
         if ((const void *)xs != x) free((void *)xs);                                                             \
         return 0;                                                                                                \
