@@ -78,14 +78,41 @@ def apply_top_k(logits: torch.Tensor, top_k: int, min_tokens_to_keep: int = 1) -
 
 
 def apply_top_p(logits: torch.Tensor, top_p: float, min_tokens_to_keep: int = 1) -> torch.Tensor:
-    """Keep the smallest set of most likely tokens whose probabilities add up to more than top_p."""
+    """Keep the smallest set of most likely tokens whose probabilities add up to more than top_p.
+
+    As transformers computes it: the logits sorted ascending, softmax, cumulative sum, and the tokens whose sum is at
+    most 1 - top_p removed (a prefix of the sorted order). On CPU the sorted values come from numpy's sort and the
+    removed prefix is mapped back through its last value: torch.sort with indices took 6 ms for a 49,152-token
+    vocabulary (a third of a SmolLM2 step), numpy's 0.2 ms. A tie at the boundary loses its lowest-indexed tokens,
+    as torch's stable sort orders them."""
     if top_p >= 1.0:
         return logits
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 2:
+        return _top_p_by_boundary(logits, top_p, min_tokens_to_keep)
     sorted_logits, sorted_indices = torch.sort(logits, descending=False)
     cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
     remove_sorted = cumulative <= (1 - top_p)
     remove_sorted[..., -min_tokens_to_keep:] = False
     remove = remove_sorted.scatter(1, sorted_indices, remove_sorted)
+    return logits.masked_fill(remove, NEG_INF)
+
+
+def _top_p_by_boundary(logits: torch.Tensor, top_p: float, min_tokens_to_keep: int) -> torch.Tensor:
+    """apply_top_p's mask without sorting indices: the same sorted values (so the same softmax and cumulative sum,
+    bit for bit), then the removed count r. Tokens below the r-th sorted value go; of those equal to it, the first
+    r - (how many are below it) by index go too."""
+    import numpy as np
+
+    sorted_logits = torch.from_numpy(np.sort(logits.numpy(), axis=-1))
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove_sorted = cumulative <= (1 - top_p)
+    remove_sorted[..., -min_tokens_to_keep:] = False
+    removed = remove_sorted.sum(dim=-1, keepdim=True)  # (B, 1): a prefix of the ascending order
+    last_removed = sorted_logits.gather(1, (removed - 1).clamp(min=0))
+    below = logits < last_removed
+    ties = logits == last_removed
+    ties_removed = removed - below.sum(dim=-1, keepdim=True)
+    remove = (below | (ties & (ties.cumsum(dim=-1) <= ties_removed))) & (removed > 0)
     return logits.masked_fill(remove, NEG_INF)
 
 
@@ -138,8 +165,17 @@ def process_logits(logits: torch.Tensor, history: torch.Tensor, options: Samplin
 
 
 def sample(logits: torch.Tensor, options: SamplingOptions, generator: torch.Generator | None) -> torch.Tensor:
-    """(B, V) processed logits → (B,) token ids: argmax when greedy, else a draw from softmax(logits)."""
+    """(B, V) processed logits → (B,) token ids: argmax when greedy, else a draw from softmax(logits).
+
+    The draw is one uniform number per row, found in the probabilities' cumulative sum (in float64): a token of
+    probability 0 is never drawn. torch.multinomial drew the same distribution in 2.2 ms for a 49,152-token
+    vocabulary; this takes ~0.2 ms."""
     if options.greedy:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+    cumulative = torch.softmax(logits, dim=-1).double().cumsum(dim=-1)
+    total = cumulative[:, -1:]
+    if not bool(torch.isfinite(total).all() and (total > 0).all()):
+        raise ValueError("no token can be sampled: every logit is -inf or NaN")
+    draw = torch.rand(logits.shape[0], 1, generator=generator, dtype=torch.float64, device=logits.device) * total
+    draw = torch.minimum(draw, total.nextafter(torch.zeros_like(total)))  # strictly below the total
+    return torch.searchsorted(cumulative, draw, right=True).squeeze(1)

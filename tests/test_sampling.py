@@ -132,3 +132,53 @@ def test_presence_and_frequency_penalties_and_logit_bias():
     options = SamplingOptions(temperature=0, presence_penalty=0.5, frequency_penalty=0.25)
     chained = process_logits(logits, history(3)[:, :0], options, answer_counts=counts, logit_bias={7: -100.0})
     assert torch.allclose(chained, apply_logit_bias(expected, {7: -100.0}))
+
+
+@pytest.mark.parametrize("top_p", [0.05, 0.5, 0.9, 0.99])
+def test_top_p_over_a_whole_vocabulary_matches_transformers(top_p):
+    """The CPU path sorts values with numpy and maps the removed prefix back by value: on a 49,152-token vocabulary
+    (SmolLM2's), some of it already -inf as top-k leaves it, the mask is transformers' to the token."""
+    logits = torch.randn(4, 49152, generator=torch.Generator().manual_seed(int(top_p * 100))) * 4
+    logits[1, ::3] = float("-inf")
+    logits[2, 100:] = float("-inf")  # a row with fewer tokens than min_tokens_to_keep would pass over
+    for keep in (1, 3):
+        expected = lp.TopPLogitsWarper(top_p, min_tokens_to_keep=keep)(None, logits.clone())
+        assert same(apply_top_p(logits, top_p, keep), expected)
+
+
+def test_top_p_with_tied_logits_at_the_boundary_keeps_transformers_count():
+    """With tied logits straddling the boundary, which of the equal tokens goes is left to torch's unstable sort in
+    transformers (it differs between torch builds and devices); ours removes the lowest-indexed ones. The number kept,
+    and the values kept, are transformers' exactly."""
+    straddled = 0
+    for seed in range(60):
+        logits = (torch.randn(3, 2000, generator=torch.Generator().manual_seed(seed)) * 6).round() / 2
+        top_p = 0.1 + 0.85 * (seed % 20) / 20
+        expected = lp.TopPLogitsWarper(top_p)(None, logits.clone())
+        got = apply_top_p(logits, top_p)
+        for row in range(3):
+            kept, kept_expected = got[row][got[row] > float("-inf")], expected[row][expected[row] > float("-inf")]
+            assert torch.equal(kept.sort().values, kept_expected.sort().values)
+            boundary = kept.min()
+            ties = (logits[row] == boundary).nonzero().squeeze(1)
+            removed = torch.isinf(got[row, ties])
+            assert not removed[removed.long().argmin():].any() or removed.all()  # lowest indexes go first
+            straddled += int(removed.any() and not removed.all())
+    assert straddled > 10  # the rounding made boundary ties common, so the rule above was exercised
+
+
+def test_sampling_draws_the_softmax_distribution_and_never_a_removed_token():
+    logits = torch.tensor([[2.0, 1.0, float("-inf"), 0.0, -1.0, float("-inf")]])
+    options = SamplingOptions(temperature=1.0, top_p=1.0)
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample(logits, options, generator) for _ in range(20000)]).squeeze(1)
+    counts = torch.bincount(draws, minlength=6).double()
+    probs = torch.softmax(logits[0].double(), dim=-1)
+    assert counts[2] == 0 and counts[5] == 0
+    sigma = (20000 * probs * (1 - probs)).sqrt()
+    assert ((counts - 20000 * probs).abs() <= 5 * sigma + 1e-9).all()
+    one_left = torch.full((2, 49152), float("-inf"))
+    one_left[0, 0], one_left[1, -1] = 0.0, 3.0  # the first and the last token, each alone
+    assert sample(one_left, options, generator).tolist() == [0, 49151]
+    with pytest.raises(ValueError, match="no token can be sampled"):
+        sample(torch.full((1, 8), float("-inf")), options, generator)
