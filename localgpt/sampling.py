@@ -8,6 +8,7 @@ Shapes: logits (B, V) float32, history (B, L) token ids.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from localgpt.settings import SamplingOptions
@@ -82,38 +83,36 @@ def apply_top_p(logits: torch.Tensor, top_p: float, min_tokens_to_keep: int = 1)
 
     As transformers computes it: the logits sorted ascending, softmax, cumulative sum, and the tokens whose sum is at
     most 1 - top_p removed (a prefix of the sorted order). On CPU the sorted values come from numpy's sort and the
-    removed prefix is mapped back through its last value: torch.sort with indices took 6 ms for a 49,152-token
-    vocabulary (a third of a SmolLM2 step), numpy's 0.2 ms. A tie at the boundary loses its lowest-indexed tokens,
-    as torch's stable sort orders them."""
+    removed prefix is mapped back by value (_removed_by_value): torch.sort with indices took 6 ms for a 49,152-token
+    vocabulary (a third of a SmolLM2 step), numpy's 0.2 ms. Where tied logits straddle the boundary, the
+    lowest-indexed of them go; transformers leaves that choice to torch's unstable sort."""
     if top_p >= 1.0:
         return logits
-    if logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 2:
-        return _top_p_by_boundary(logits, top_p, min_tokens_to_keep)
-    sorted_logits, sorted_indices = torch.sort(logits, descending=False)
+    by_value = logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 2
+    if by_value:
+        sorted_logits, sorted_indices = torch.from_numpy(np.sort(logits.numpy(), axis=-1)), None
+    else:
+        sorted_logits, sorted_indices = torch.sort(logits, descending=False)
     cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
     remove_sorted = cumulative <= (1 - top_p)
     remove_sorted[..., -min_tokens_to_keep:] = False
-    remove = remove_sorted.scatter(1, sorted_indices, remove_sorted)
+    if by_value:
+        remove = _removed_by_value(logits, sorted_logits, remove_sorted)
+    else:
+        remove = remove_sorted.scatter(1, sorted_indices, remove_sorted)
     return logits.masked_fill(remove, NEG_INF)
 
 
-def _top_p_by_boundary(logits: torch.Tensor, top_p: float, min_tokens_to_keep: int) -> torch.Tensor:
-    """apply_top_p's mask without sorting indices: the same sorted values (so the same softmax and cumulative sum,
-    bit for bit), then the removed count r. Tokens below the r-th sorted value go; of those equal to it, the first
-    r - (how many are below it) by index go too."""
-    import numpy as np
-
-    sorted_logits = torch.from_numpy(np.sort(logits.numpy(), axis=-1))
-    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-    remove_sorted = cumulative <= (1 - top_p)
-    remove_sorted[..., -min_tokens_to_keep:] = False
-    removed = remove_sorted.sum(dim=-1, keepdim=True)  # (B, 1): a prefix of the ascending order
+def _removed_by_value(logits: torch.Tensor, sorted_logits: torch.Tensor, remove_sorted: torch.Tensor) -> torch.Tensor:
+    """Which tokens a removed prefix of the ascending order (remove_sorted, over sorted_logits) is, without the sort's
+    indices: with r removed, the tokens below the r-th sorted value, and of those equal to it the first
+    r - (how many are below it) by index."""
+    removed = remove_sorted.sum(dim=-1, keepdim=True)  # (B, 1)
     last_removed = sorted_logits.gather(1, (removed - 1).clamp(min=0))
     below = logits < last_removed
     ties = logits == last_removed
     ties_removed = removed - below.sum(dim=-1, keepdim=True)
-    remove = (below | (ties & (ties.cumsum(dim=-1) <= ties_removed))) & (removed > 0)
-    return logits.masked_fill(remove, NEG_INF)
+    return (below | (ties & (ties.cumsum(dim=-1) <= ties_removed))) & (removed > 0)
 
 
 def apply_min_p(logits: torch.Tensor, min_p: float, min_tokens_to_keep: int = 1) -> torch.Tensor:
