@@ -765,7 +765,7 @@ static inline vplanes vload_planes(const float *code_values) {
     for (int j = 0; j < 4; j++) planes.plane[j] = vbroadcast_table(tables[j]);
     return planes;
 }
-#define Q4_CHUNK (4 * VL)            /* nibbles, bytes in each shuffle */
+#define Q4_CHUNK (4 * VL)            /* bytes per load; also the nibbles per shuffle */
 #define Q4_CHUNKS (Q4_BLOCK / 2 / Q4_CHUNK)
 #define Q4_ROW(MB)                                                                                               \
     {                                                                                                            \
