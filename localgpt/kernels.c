@@ -701,6 +701,7 @@ static const float INT8_SCALE = 7.874015718698502e-3f; /* 1 / 127, the constant 
     }
 
 #define Q4_CODE(values) vcode code = vload_code(values); (void)code;
+#define Q4_PERIOD Q4_GROUP
 static int64_t q4_position(int64_t k, int64_t K) { /* where x's value k goes in the copy Q4_ROW reads */
     if (k < K / Q4_GROUP * Q4_GROUP) { /* a whole group: value 8 j + (s ^ 1) → s VL + j */
         int64_t group = k / Q4_GROUP * Q4_GROUP, offset = k % Q4_GROUP;
@@ -736,6 +737,15 @@ static inline void vlookup_planes(const vplanes *code, vbytes index, vf out[4]) 
     out[2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(high01, high23));
     out[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(high01, high23));
 }
+static inline void vlookup_bf16_planes(const vplanes *code, vbytes index, vf out[4]) {
+    vbytes low = _mm256_shuffle_epi8(code->plane[0], index), high = _mm256_shuffle_epi8(code->plane[1], index);
+    vbytes first = _mm256_unpacklo_epi8(low, high), second = _mm256_unpackhi_epi8(low, high);
+    __m256i upper = _mm256_set1_epi32((int)0xFFFF0000u);
+    out[0] = _mm256_castsi256_ps(_mm256_slli_epi32(first, 16)); /* the even words: bfloat16 bits to the top half */
+    out[1] = _mm256_castsi256_ps(_mm256_and_si256(first, upper)); /* the odd ones: already there */
+    out[2] = _mm256_castsi256_ps(_mm256_slli_epi32(second, 16));
+    out[3] = _mm256_castsi256_ps(_mm256_and_si256(second, upper));
+}
 #else
 typedef uint8x16_t vbytes;
 typedef struct { uint8x16_t plane[4]; } vplanes;
@@ -753,6 +763,13 @@ static inline void vlookup_planes(const vplanes *code, vbytes index, vf out[4]) 
     out[2] = vreinterpretq_f32_u16(vzip1q_u16(high01, high23));
     out[3] = vreinterpretq_f32_u16(vzip2q_u16(high01, high23));
 }
+static inline void vlookup_bf16_planes(const vplanes *code, vbytes index, vf out[4]) {
+    uint8x16_t low = vqtbl1q_u8(code->plane[0], index), high = vqtbl1q_u8(code->plane[1], index);
+    uint32x4_t first = vreinterpretq_u32_u8(vzip1q_u8(low, high));
+    uint32x4_t second = vreinterpretq_u32_u8(vzip2q_u8(low, high)), upper = vdupq_n_u32(0xFFFF0000u);
+    out[0] = vreinterpretq_f32_u32(vshlq_n_u32(first, 16)), out[1] = vreinterpretq_f32_u32(vandq_u32(first, upper));
+    out[2] = vreinterpretq_f32_u32(vshlq_n_u32(second, 16)), out[3] = vreinterpretq_f32_u32(vandq_u32(second, upper));
+}
 #endif
 static inline vplanes vload_planes(const float *code_values) {
     uint8_t tables[4][16];
@@ -765,9 +782,20 @@ static inline vplanes vload_planes(const float *code_values) {
     for (int j = 0; j < 4; j++) planes.plane[j] = vbroadcast_table(tables[j]);
     return planes;
 }
+static inline vplanes vload_bf16_planes(const float *code_values) { /* the code rounded to bfloat16: 2 planes */
+    uint8_t tables[2][16];
+    for (int c = 0; c < 16; c++) {
+        uint16_t bits = round_to_bf16_scalar(code_values[c]);
+        tables[0][c] = (uint8_t)bits, tables[1][c] = (uint8_t)(bits >> 8);
+    }
+    vplanes planes;
+    planes.plane[0] = vbroadcast_table(tables[0]), planes.plane[1] = vbroadcast_table(tables[1]);
+    planes.plane[2] = planes.plane[3] = planes.plane[1]; /* unused */
+    return planes;
+}
 #define Q4_CHUNK (4 * VL)            /* bytes per load; also the nibbles per shuffle */
 #define Q4_CHUNKS (Q4_BLOCK / 2 / Q4_CHUNK)
-#define Q4_ROW(MB)                                                                                               \
+#define Q4_PLANES_ROW(MB, LOOKUP)                                                                                \
     {                                                                                                            \
         vf acc[MB];                                                                                              \
         for (int m = 0; m < MB; m++) acc[m] = vzero();                                                           \
@@ -781,7 +809,7 @@ static inline vplanes vload_planes(const float *code_values) {
                 vbytes bytes = vload_chunk(wr + block * (Q4_BLOCK / 2) + chunk * Q4_CHUNK);                      \
                 for (int half = 0; half < 2; half++) {                                                           \
                     vf weights[4];                                                                               \
-                    vlookup_planes(&planes, half ? vlow_nibble_bytes(bytes) : vhigh_nibble_bytes(bytes), weights); \
+                    LOOKUP(&planes, half ? vlow_nibble_bytes(bytes) : vhigh_nibble_bytes(bytes), weights);         \
                     const float *xv = xp + (chunk * 2 + half) * Q4_CHUNK;                                        \
                     for (int r = 0; r < 4; r++)                                                                  \
                         for (int m = 0; m < MB; m++)                                                             \
@@ -794,42 +822,70 @@ static inline vplanes vload_planes(const float *code_values) {
         for (int m = 0; m < MB; m++) yr[m * N + n] = vsum(acc[m]);                                               \
     }
 
+#define Q4_ROW(MB) Q4_PLANES_ROW(MB, vlookup_planes)
+#define Q4_BF16_ROW(MB) Q4_PLANES_ROW(MB, vlookup_bf16_planes)
+
 #define Q4_CODE(values) vplanes planes = vload_planes(values); (void)planes;
+#define Q4_PERIOD Q4_BLOCK
 static int64_t q4_position(int64_t k, int64_t K) { /* where x's value k goes in the copy Q4_ROW reads */
     (void)K;
     int64_t block = k / Q4_BLOCK * Q4_BLOCK, byte = k % Q4_BLOCK / 2, chunk = byte / Q4_CHUNK;
     int64_t in_chunk = byte % Q4_CHUNK, lane = in_chunk / 16, r = in_chunk % 16 / 4;
     return block + ((chunk * 2 + k % 2) * 4 + r) * VL + lane * 4 + in_chunk % 4;
 }
+#define Q4_BF16_CODE(values) vplanes planes = vload_bf16_planes(values); (void)planes;
+static int64_t q4_bf16_position(int64_t k, int64_t K) { /* the same for Q4_BF16_ROW: within a 16-byte lane, */
+    (void)K; /* vector r holds the even (shifted) or odd (masked) words of unpacklo's or unpackhi's 8 */
+    int64_t block = k / Q4_BLOCK * Q4_BLOCK, byte = k % Q4_BLOCK / 2, chunk = byte / Q4_CHUNK;
+    int64_t in_chunk = byte % Q4_CHUNK, lane = in_chunk / 16, in_lane = in_chunk % 16;
+    int64_t r = in_lane / 8 * 2 + in_lane % 2;
+    return block + ((chunk * 2 + k % 2) * 4 + r) * VL + lane * 4 + in_lane % 8 / 2;
+}
 #endif
 
-/* x (M, K) in float32 for the quantized rows: a copy where x is bfloat16 or the 4-bit order needs one. */
-static float *widened_rows(const void *x, int bf16, int deinterleave, int64_t M, int64_t K) {
-    if (!bf16 && !deinterleave) return (float *)x;
+/* x (M, K) in float32 for the quantized rows: a copy where x is bfloat16 or the 4-bit order needs one. Every 4-bit
+ * order repeats per Q4_PERIOD values (AVX-512's only over whole groups: its tail is placed value by value), so the
+ * copy reads the places from one table of Q4_PERIOD instead of computing each: this copy runs on one thread. */
+typedef int64_t (*x_position)(int64_t k, int64_t K);
+static float *widened_rows(const void *x, int bf16, x_position position, int64_t M, int64_t K) {
+    if (!bf16 && !position) return (float *)x;
     float *out = malloc(sizeof(float) * M * K);
     if (!out) return NULL;
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t k = 0; k < K; k++) {
-            float value = bf16 ? bf16_to_float(((const uint16_t *)x)[m * K + k]) : ((const float *)x)[m * K + k];
-            int64_t at = deinterleave ? q4_position(k, K) : k;
-            out[m * K + at] = value;
-        }
+    int64_t place[Q4_PERIOD], periodic = K / Q4_PERIOD * Q4_PERIOD;
+    for (int64_t j = 0; j < Q4_PERIOD; j++) place[j] = position ? position(j, K) : j;
+    for (int64_t m = 0; m < M; m++) {
+        const float *xf = (const float *)x + m * K;
+        const uint16_t *xb = (const uint16_t *)x + m * K;
+        float *row = out + m * K;
+        for (int64_t base = 0; base < periodic; base += Q4_PERIOD)
+            for (int64_t j = 0; j < Q4_PERIOD; j++)
+                row[base + place[j]] = bf16 ? bf16_to_float(xb[base + j]) : xf[base + j];
+        for (int64_t k = periodic; k < K; k++)
+            row[position ? position(k, K) : k] = bf16 ? bf16_to_float(xb[k]) : xf[k];
+    }
     return out;
 }
 
 /* Rows of products into float32 y (M, N); 4-bit needs K a multiple of 64 (native.py checks). */
-#define QUANTIZED_LINEAR(NAME, WT, ROW, DEINTERLEAVE)                                                            \
+#define QUANTIZED_LINEAR(NAME, WT, ROW, POSITION, LOAD_CODE)                                                     \
     static int NAME(const void *x, int bf16, const WT *w, const float *scale, const float *code_values,         \
                     float *y, int64_t M, int64_t K, int64_t N) {                                                 \
-        const float *xs = widened_rows(x, bf16, DEINTERLEAVE, M, K);                                             \
+        const float *xs = widened_rows(x, bf16, POSITION, M, K);                                                 \
         if (!xs) return -1;                                                                                      \
-        Q4_CODE(code_values ? code_values : (const float[16]){0}) /* 8-bit: unused */                           \
+        LOAD_CODE(code_values ? code_values : (const float[16]){0}) /* 8-bit: unused */                         \
         FOR_ROW_BLOCKS(float, xs, float, y, ROW)                                                                 \
         if ((const void *)xs != x) free((void *)xs);                                                             \
         return 0;                                                                                                \
     }
-QUANTIZED_LINEAR(linear_q8, int8_t, Q8_ROW, 0)
-QUANTIZED_LINEAR(linear_q4, uint8_t, Q4_ROW, 1)
+QUANTIZED_LINEAR(linear_q8, int8_t, Q8_ROW, NULL, Q4_CODE)
+QUANTIZED_LINEAR(linear_q4, uint8_t, Q4_ROW, q4_position, Q4_CODE)
+#if VL != 16
+/* 4-bit with bfloat16 x on AVX2 and NEON: the code rounded to bfloat16 (as the AVX512-BF16 path below rounds it)
+ * is two byte planes, so 4 VL weights cost two shuffles, two byte interleaves and a shift or a mask each to widen
+ * (the bfloat16 bits are a float32's upper half), against the float32 code's four shuffles and eight interleaves.
+ * Products are exact in float32: a bfloat16 weight times a bfloat16 x. */
+QUANTIZED_LINEAR(linear_q4_bf16_code, uint8_t, Q4_BF16_ROW, q4_bf16_position, Q4_BF16_CODE)
+#endif
 
 #ifdef __AVX512BF16__
 /* 4-bit with bfloat16 x where the CPU has AVX512-BF16: the code as 16 bfloat16 values (rounded to nearest even, as
@@ -904,6 +960,8 @@ static int linear_q4_words(const void *x, int bf16, const uint8_t *w, const floa
     return 0;
 }
 #define LINEAR_Q4_FOR_BF16 linear_q4_words
+#elif VL != 16
+#define LINEAR_Q4_FOR_BF16 linear_q4_bf16_code
 #else
 #define LINEAR_Q4_FOR_BF16 linear_q4
 #endif
