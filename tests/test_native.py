@@ -342,6 +342,25 @@ def test_without_avx512_bf16_bfloat16_products_are_widened_to_float32():
     assert result.stdout.split() == ["0", "True", "True", "True"] and result.stderr == "", result.stderr
 
 
+@pytest.mark.parametrize("flags,expected", [(set(), torch.float32), ({"avx2", "fma"}, torch.float32),
+                                            ({"avx512_bf16"}, torch.bfloat16), ({"amx_bf16"}, torch.bfloat16)])
+def test_bfloat16_prompts_widen_to_float32_where_the_cpu_has_no_bfloat16_dot(monkeypatch, flags, expected):
+    """A bfloat16 layer's prompt (more rows than decoding takes) is torch's float32 product of the widened weight,
+    rounded once, on a CPU with neither AVX512-BF16 nor AMX: torch's bfloat16 matmul took 4.7x as long there."""
+    from localgpt.backends import native as native_backend
+
+    monkeypatch.setattr(native, "cpu_flags", lambda: flags)
+    assert native_backend.dense_prompt_dtype(torch.bfloat16) == expected
+    assert native_backend.dense_prompt_dtype(torch.float32) == torch.float32
+    layer = rebuilt_as(torch.nn.Linear(96, 40).bfloat16(), NativeLinear)
+    layer.prompt_dtype = native_backend.dense_prompt_dtype(torch.bfloat16)
+    x = torch.randn(2, 30, 96).bfloat16()
+    y = layer(x)
+    widened = F.linear(x.float(), layer.weight.float(), layer.bias.float()).bfloat16()
+    assert y.dtype == torch.bfloat16 and torch.equal(y, widened if expected == torch.float32
+                                                     else F.linear(x, layer.weight, layer.bias))
+
+
 @needs_native
 def test_build_is_cached_atomic_and_keyed_by_its_inputs(tmp_path):
     compiler, flags = native.find_compiler(), native.cpu_flags()
