@@ -64,6 +64,11 @@ static inline vf vload_bf16_n(const uint16_t *p, int64_t n) { /* bfloat16 is the
 static inline vf vload_bf16(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
+static inline void vload_bf16_pairs(const uint16_t *p, vf *even, vf *odd) { /* 2 VL values: p[0, 2, ..], p[1, 3, ..] */
+    __m512i v = _mm512_loadu_si512(p);
+    *even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+    *odd = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xffff0000u)));
+}
 static inline vf vround_bf16(vf value) { /* each lane rounded to bfloat16 and back, to nearest even */
     __m512i bits = _mm512_castps_si512(value);
     __m512i rounding = _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1)));
@@ -103,6 +108,11 @@ static inline vf vscale2(vf p, vf n) { /* p 2^n for integral n, 2^n built in the
 }
 static inline vf vload_bf16(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+static inline void vload_bf16_pairs(const uint16_t *p, vf *even, vf *odd) { /* 2 VL values: p[0, 2, ..], p[1, 3, ..] */
+    __m256i v = _mm256_loadu_si256((const __m256i *)p);
+    *even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+    *odd = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xffff0000u)));
 }
 static inline vf vload_bf16_n(const uint16_t *p, int64_t n) { /* no 16-bit masked load in AVX2: through a copy */
     if (n >= 8) return vload_bf16(p);
@@ -153,6 +163,11 @@ static inline vf vscale2(vf p, vf n) { /* as the AVX2 layer: 2^n in the exponent
     return vmulq_f32(p, vreinterpretq_f32_s32(vshlq_n_s32(exponent, 23)));
 }
 static inline vf vload_bf16(const uint16_t *p) { return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(p), 16)); }
+static inline void vload_bf16_pairs(const uint16_t *p, vf *even, vf *odd) { /* 2 VL values: p[0, 2, ..], p[1, 3, ..] */
+    uint32x4_t v = vreinterpretq_u32_u16(vld1q_u16(p));
+    *even = vreinterpretq_f32_u32(vshlq_n_u32(v, 16));
+    *odd = vreinterpretq_f32_u32(vandq_u32(v, vdupq_n_u32(0xffff0000u)));
+}
 static inline vf vload_bf16_n(const uint16_t *p, int64_t n) {
     if (n >= 4) return vload_bf16(p);
     uint16_t copy[4] = {0};
@@ -282,7 +297,33 @@ int lg_has_bf16_dot(void) {
             yr[m * N + n] = round_to_bf16_scalar(_mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1])));         \
     }
 #else
-#define BF16_ROW(MB) VEC_ROW(MB, uint16_t, vload_bf16, vload_bf16_n, round_to_bf16_scalar)
+/* Without a bfloat16 dot product: 2 VL bfloat16 values of w and of x are one load each, split into their even and
+ * odd elements as float32 by a shift and a mask (a bfloat16 is a float32's upper half), so w's even values meet x's
+ * even ones with no reorder: two integer operations per 2 VL values where widening VL at a time took four, two of
+ * them byte shuffles (the ports a Zen 3's multiply-adds share). */
+#define BF16_ROW(MB)                                                                                             \
+    {                                                                                                            \
+        vf acc[MB][2];                                                                                           \
+        for (int m = 0; m < MB; m++) acc[m][0] = acc[m][1] = vzero();                                            \
+        const uint16_t *wr = w + n * K;                                                                          \
+        int64_t i = 0;                                                                                           \
+        for (; i + 2 * VL <= K; i += 2 * VL) {                                                                   \
+            if (MB >= 3) prefetch_ahead(wr + i, 2 * VL * 2 / 64);                                                \
+            vf w_even, w_odd;                                                                                    \
+            vload_bf16_pairs(wr + i, &w_even, &w_odd);                                                           \
+            for (int m = 0; m < MB; m++) {                                                                       \
+                vf x_even, x_odd;                                                                                \
+                vload_bf16_pairs(xr + m * K + i, &x_even, &x_odd);                                               \
+                acc[m][0] = vfma(x_even, w_even, acc[m][0]);                                                     \
+                acc[m][1] = vfma(x_odd, w_odd, acc[m][1]);                                                       \
+            }                                                                                                    \
+        }                                                                                                        \
+        for (; i < K; i += VL) {                                                                                 \
+            vf w0 = vload_bf16_n(wr + i, K - i);                                                                 \
+            for (int m = 0; m < MB; m++) acc[m][0] = vfma(vload_bf16_n(xr + m * K + i, K - i), w0, acc[m][0]);   \
+        }                                                                                                        \
+        for (int m = 0; m < MB; m++) yr[m * N + n] = round_to_bf16_scalar(vsum(vadd(acc[m][0], acc[m][1])));     \
+    }
 #endif
 LINEAR(lg_linear_bf16, uint16_t, BF16_ROW)
 
