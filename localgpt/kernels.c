@@ -64,11 +64,11 @@ static inline vf vload_bf16_n(const uint16_t *p, int64_t n) { /* bfloat16 is the
 static inline vf vload_bf16(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
-static inline void vload_bf16_pairs(const uint16_t *p, vf *even, vf *odd) { /* 2 VL values: p[0, 2, ..], p[1, 3, ..] */
-    __m512i v = _mm512_loadu_si512(p);
+static inline void vsplit_bf16(__m512i v, vf *even, vf *odd) { /* 2 VL bfloat16: words 0, 2, .. and 1, 3, .. */
     *even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
     *odd = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xffff0000u)));
 }
+static inline void vload_bf16_pairs(const uint16_t *p, vf *even, vf *odd) { vsplit_bf16(_mm512_loadu_si512(p), even, odd); }
 static inline vf vround_bf16(vf value) { /* each lane rounded to bfloat16 and back, to nearest even */
     __m512i bits = _mm512_castps_si512(value);
     __m512i rounding = _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1)));
@@ -109,10 +109,12 @@ static inline vf vscale2(vf p, vf n) { /* p 2^n for integral n, 2^n built in the
 static inline vf vload_bf16(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
 }
-static inline void vload_bf16_pairs(const uint16_t *p, vf *even, vf *odd) { /* 2 VL values: p[0, 2, ..], p[1, 3, ..] */
-    __m256i v = _mm256_loadu_si256((const __m256i *)p);
+static inline void vsplit_bf16(__m256i v, vf *even, vf *odd) { /* 2 VL bfloat16: words 0, 2, .. and 1, 3, .. */
     *even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
     *odd = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xffff0000u)));
+}
+static inline void vload_bf16_pairs(const uint16_t *p, vf *even, vf *odd) {
+    vsplit_bf16(_mm256_loadu_si256((const __m256i *)p), even, odd);
 }
 static inline vf vload_bf16_n(const uint16_t *p, int64_t n) { /* no 16-bit masked load in AVX2: through a copy */
     if (n >= 8) return vload_bf16(p);
@@ -163,10 +165,12 @@ static inline vf vscale2(vf p, vf n) { /* as the AVX2 layer: 2^n in the exponent
     return vmulq_f32(p, vreinterpretq_f32_s32(vshlq_n_s32(exponent, 23)));
 }
 static inline vf vload_bf16(const uint16_t *p) { return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(p), 16)); }
-static inline void vload_bf16_pairs(const uint16_t *p, vf *even, vf *odd) { /* 2 VL values: p[0, 2, ..], p[1, 3, ..] */
-    uint32x4_t v = vreinterpretq_u32_u16(vld1q_u16(p));
+static inline void vsplit_bf16(uint32x4_t v, vf *even, vf *odd) { /* 2 VL bfloat16: words 0, 2, .. and 1, 3, .. */
     *even = vreinterpretq_f32_u32(vshlq_n_u32(v, 16));
     *odd = vreinterpretq_f32_u32(vandq_u32(v, vdupq_n_u32(0xffff0000u)));
+}
+static inline void vload_bf16_pairs(const uint16_t *p, vf *even, vf *odd) {
+    vsplit_bf16(vreinterpretq_u32_u16(vld1q_u16(p)), even, odd);
 }
 static inline vf vload_bf16_n(const uint16_t *p, int64_t n) {
     if (n >= 4) return vload_bf16(p);
@@ -196,9 +200,10 @@ static inline void prefetch_ahead(const void *at, int lines) {
     for (int line = 0; line < lines; line++) __builtin_prefetch((const char *)at + PREFETCH_BYTES + 64 * line, 0, 2);
 }
 
-/* One weight row n against MB rows of x, two accumulators per x row to hide the FMA latency. LOAD/LOAD_N read VL
- * elements of the dtype as float32 lanes. */
-#define VEC_ROW(MB, T, LOAD, LOAD_N, STORE_ONE)                                                                  \
+/* One weight row n against MB rows of x, two accumulators per x row to hide the FMA latency. LOAD_TWO reads 2 VL
+ * elements of the dtype as two float32 vectors, in an order w and x share; LOAD_N reads up to VL of them. */
+static inline void vload_two(const float *p, vf *first, vf *second) { *first = vload(p), *second = vload(p + VL); }
+#define VEC_ROW(MB, T, LOAD_TWO, LOAD_N, STORE_ONE)                                                              \
     {                                                                                                            \
         vf acc[MB][2];                                                                                           \
         for (int m = 0; m < MB; m++) acc[m][0] = acc[m][1] = vzero();                                            \
@@ -206,10 +211,13 @@ static inline void prefetch_ahead(const void *at, int lines) {
         int64_t i = 0;                                                                                           \
         for (; i + 2 * VL <= K; i += 2 * VL) {                                                                   \
             if (MB >= 3) prefetch_ahead(wr + i, 2 * VL * (int)sizeof(T) / 64);                                   \
-            vf w0 = LOAD(wr + i), w1 = LOAD(wr + i + VL);                                                        \
+            vf w0, w1;                                                                                           \
+            LOAD_TWO(wr + i, &w0, &w1);                                                                          \
             for (int m = 0; m < MB; m++) {                                                                       \
-                acc[m][0] = vfma(LOAD(xr + m * K + i), w0, acc[m][0]);                                           \
-                acc[m][1] = vfma(LOAD(xr + m * K + i + VL), w1, acc[m][1]);                                      \
+                vf x0, x1;                                                                                       \
+                LOAD_TWO(xr + m * K + i, &x0, &x1);                                                              \
+                acc[m][0] = vfma(x0, w0, acc[m][0]);                                                             \
+                acc[m][1] = vfma(x1, w1, acc[m][1]);                                                             \
             }                                                                                                    \
         }                                                                                                        \
         for (; i < K; i += VL) {                                                                                 \
@@ -243,7 +251,7 @@ static inline void prefetch_ahead(const void *at, int lines) {
     void NAME(const T *x, const T *w, T *y, int64_t M, int64_t K, int64_t N) { FOR_ROW_BLOCKS(T, x, T, y, ROW) }
 
 static inline float keep_float(float value) { return value; }
-#define F32_ROW(MB) VEC_ROW(MB, float, vload, vload_n, keep_float)
+#define F32_ROW(MB) VEC_ROW(MB, float, vload_two, vload_n, keep_float)
 LINEAR(lg_linear_f32, float, F32_ROW)
 
 static inline uint16_t round_to_bf16_scalar(float value) { /* round to nearest even, as torch does; NaN stays NaN */
@@ -301,29 +309,7 @@ int lg_has_bf16_dot(void) {
  * odd elements as float32 by a shift and a mask (a bfloat16 is a float32's upper half), so w's even values meet x's
  * even ones with no reorder: two integer operations per 2 VL values where widening VL at a time took four, two of
  * them byte shuffles (the ports a Zen 3's multiply-adds share). */
-#define BF16_ROW(MB)                                                                                             \
-    {                                                                                                            \
-        vf acc[MB][2];                                                                                           \
-        for (int m = 0; m < MB; m++) acc[m][0] = acc[m][1] = vzero();                                            \
-        const uint16_t *wr = w + n * K;                                                                          \
-        int64_t i = 0;                                                                                           \
-        for (; i + 2 * VL <= K; i += 2 * VL) {                                                                   \
-            if (MB >= 3) prefetch_ahead(wr + i, 2 * VL * 2 / 64);                                                \
-            vf w_even, w_odd;                                                                                    \
-            vload_bf16_pairs(wr + i, &w_even, &w_odd);                                                           \
-            for (int m = 0; m < MB; m++) {                                                                       \
-                vf x_even, x_odd;                                                                                \
-                vload_bf16_pairs(xr + m * K + i, &x_even, &x_odd);                                               \
-                acc[m][0] = vfma(x_even, w_even, acc[m][0]);                                                     \
-                acc[m][1] = vfma(x_odd, w_odd, acc[m][1]);                                                       \
-            }                                                                                                    \
-        }                                                                                                        \
-        for (; i < K; i += VL) {                                                                                 \
-            vf w0 = vload_bf16_n(wr + i, K - i);                                                                 \
-            for (int m = 0; m < MB; m++) acc[m][0] = vfma(vload_bf16_n(xr + m * K + i, K - i), w0, acc[m][0]);   \
-        }                                                                                                        \
-        for (int m = 0; m < MB; m++) yr[m * N + n] = round_to_bf16_scalar(vsum(vadd(acc[m][0], acc[m][1])));     \
-    }
+#define BF16_ROW(MB) VEC_ROW(MB, uint16_t, vload_bf16_pairs, vload_bf16_n, round_to_bf16_scalar)
 #endif
 LINEAR(lg_linear_bf16, uint16_t, BF16_ROW)
 
@@ -779,13 +765,9 @@ static inline void vlookup_planes(const vplanes *code, vbytes index, vf out[4]) 
     out[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(high01, high23));
 }
 static inline void vlookup_bf16_planes(const vplanes *code, vbytes index, vf out[4]) {
-    vbytes low = _mm256_shuffle_epi8(code->plane[0], index), high = _mm256_shuffle_epi8(code->plane[1], index);
-    vbytes first = _mm256_unpacklo_epi8(low, high), second = _mm256_unpackhi_epi8(low, high);
-    __m256i upper = _mm256_set1_epi32((int)0xFFFF0000u);
-    out[0] = _mm256_castsi256_ps(_mm256_slli_epi32(first, 16)); /* the even words: bfloat16 bits to the top half */
-    out[1] = _mm256_castsi256_ps(_mm256_and_si256(first, upper)); /* the odd ones: already there */
-    out[2] = _mm256_castsi256_ps(_mm256_slli_epi32(second, 16));
-    out[3] = _mm256_castsi256_ps(_mm256_and_si256(second, upper));
+    vbytes low = _mm256_shuffle_epi8(code->plane[2], index), high = _mm256_shuffle_epi8(code->plane[3], index);
+    vsplit_bf16(_mm256_unpacklo_epi8(low, high), &out[0], &out[1]);
+    vsplit_bf16(_mm256_unpackhi_epi8(low, high), &out[2], &out[3]);
 }
 #else
 typedef uint8x16_t vbytes;
@@ -805,33 +787,23 @@ static inline void vlookup_planes(const vplanes *code, vbytes index, vf out[4]) 
     out[3] = vreinterpretq_f32_u16(vzip2q_u16(high01, high23));
 }
 static inline void vlookup_bf16_planes(const vplanes *code, vbytes index, vf out[4]) {
-    uint8x16_t low = vqtbl1q_u8(code->plane[0], index), high = vqtbl1q_u8(code->plane[1], index);
-    uint32x4_t first = vreinterpretq_u32_u8(vzip1q_u8(low, high));
-    uint32x4_t second = vreinterpretq_u32_u8(vzip2q_u8(low, high)), upper = vdupq_n_u32(0xFFFF0000u);
-    out[0] = vreinterpretq_f32_u32(vshlq_n_u32(first, 16)), out[1] = vreinterpretq_f32_u32(vandq_u32(first, upper));
-    out[2] = vreinterpretq_f32_u32(vshlq_n_u32(second, 16)), out[3] = vreinterpretq_f32_u32(vandq_u32(second, upper));
+    uint8x16_t low = vqtbl1q_u8(code->plane[2], index), high = vqtbl1q_u8(code->plane[3], index);
+    vsplit_bf16(vreinterpretq_u32_u8(vzip1q_u8(low, high)), &out[0], &out[1]);
+    vsplit_bf16(vreinterpretq_u32_u8(vzip2q_u8(low, high)), &out[2], &out[3]);
 }
 #endif
-static inline vplanes vload_planes(const float *code_values) {
+/* The code's four byte planes: plane j holds byte j (little-endian) of each value's float32 bits. bf16: of the
+ * value rounded to bfloat16, whose bits are planes 2 and 3 (planes 0 and 1 are zero). */
+static inline vplanes vload_planes(const float *code_values, int bf16) {
     uint8_t tables[4][16];
     for (int c = 0; c < 16; c++) {
         uint32_t bits;
         __builtin_memcpy(&bits, code_values + c, 4);
-        for (int j = 0; j < 4; j++) tables[j][c] = (uint8_t)(bits >> (8 * j)); /* little-endian: byte 0 lowest */
+        if (bf16) bits = (uint32_t)round_to_bf16_scalar(code_values[c]) << 16;
+        for (int j = 0; j < 4; j++) tables[j][c] = (uint8_t)(bits >> (8 * j));
     }
     vplanes planes;
     for (int j = 0; j < 4; j++) planes.plane[j] = vbroadcast_table(tables[j]);
-    return planes;
-}
-static inline vplanes vload_bf16_planes(const float *code_values) { /* the code rounded to bfloat16: 2 planes */
-    uint8_t tables[2][16];
-    for (int c = 0; c < 16; c++) {
-        uint16_t bits = round_to_bf16_scalar(code_values[c]);
-        tables[0][c] = (uint8_t)bits, tables[1][c] = (uint8_t)(bits >> 8);
-    }
-    vplanes planes;
-    planes.plane[0] = vbroadcast_table(tables[0]), planes.plane[1] = vbroadcast_table(tables[1]);
-    planes.plane[2] = planes.plane[3] = planes.plane[1]; /* unused */
     return planes;
 }
 #define Q4_CHUNK (4 * VL)            /* bytes per load; also the nibbles per shuffle */
@@ -866,21 +838,26 @@ static inline vplanes vload_bf16_planes(const float *code_values) { /* the code 
 #define Q4_ROW(MB) Q4_PLANES_ROW(MB, vlookup_planes)
 #define Q4_BF16_ROW(MB) Q4_PLANES_ROW(MB, vlookup_bf16_planes)
 
-#define Q4_CODE(values) vplanes planes = vload_planes(values); (void)planes;
+#define Q4_CODE(values) vplanes planes = vload_planes(values, 0); (void)planes;
 #define Q4_PERIOD Q4_BLOCK
-static int64_t q4_position(int64_t k, int64_t K) { /* where x's value k goes in the copy Q4_ROW reads */
-    (void)K;
-    int64_t block = k / Q4_BLOCK * Q4_BLOCK, byte = k % Q4_BLOCK / 2, chunk = byte / Q4_CHUNK;
-    int64_t in_chunk = byte % Q4_CHUNK, lane = in_chunk / 16, r = in_chunk % 16 / 4;
-    return block + ((chunk * 2 + k % 2) * 4 + r) * VL + lane * 4 + in_chunk % 4;
-}
-#define Q4_BF16_CODE(values) vplanes planes = vload_bf16_planes(values); (void)planes;
-static int64_t q4_bf16_position(int64_t k, int64_t K) { /* the same for Q4_BF16_ROW: within a 16-byte lane, */
-    (void)K; /* vector r holds the even (shifted) or odd (masked) words of unpacklo's or unpackhi's 8 */
+/* Where x's value k goes in the copy a row reads. Within a 16-byte lane, vector r holds for the float32 code's
+ * lookup bytes 4 r .. 4 r + 3, for the bfloat16 code's the even (shifted) or odd (masked) words of the unpacklo or
+ * unpackhi half (r = half 2 + parity). */
+static int64_t q4_place(int64_t k, int bf16_code) {
     int64_t block = k / Q4_BLOCK * Q4_BLOCK, byte = k % Q4_BLOCK / 2, chunk = byte / Q4_CHUNK;
     int64_t in_chunk = byte % Q4_CHUNK, lane = in_chunk / 16, in_lane = in_chunk % 16;
-    int64_t r = in_lane / 8 * 2 + in_lane % 2;
-    return block + ((chunk * 2 + k % 2) * 4 + r) * VL + lane * 4 + in_lane % 8 / 2;
+    int64_t r = bf16_code ? in_lane / 8 * 2 + in_lane % 2 : in_lane / 4;
+    int64_t at = bf16_code ? in_lane % 8 / 2 : in_lane % 4;
+    return block + ((chunk * 2 + k % 2) * 4 + r) * VL + lane * 4 + at;
+}
+static int64_t q4_position(int64_t k, int64_t K) { /* Q4_ROW's */
+    (void)K;
+    return q4_place(k, 0);
+}
+#define Q4_BF16_CODE(values) vplanes planes = vload_planes(values, 1); (void)planes;
+static int64_t q4_bf16_position(int64_t k, int64_t K) { /* Q4_BF16_ROW's */
+    (void)K;
+    return q4_place(k, 1);
 }
 #endif
 
