@@ -13,9 +13,11 @@ float32 (docs/quantization.md has the figures).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,13 +147,31 @@ def spec_from_config(raw: dict, source: str) -> QuantSpec | None:
                      threshold=float(threshold))
 
 
+@contextlib.contextmanager
+def without_hub_kernels():
+    """Hide the `kernels` package while bitsandbytes imports: where it is installed (transformers 5 requires it),
+    bitsandbytes' CPU backend fetches compiled code from the Hugging Face hub at import on AVX512-BF16 CPUs
+    (kernels-community/quantization-bitsandbytes) and runs it. We never run remote code; without the package
+    bitsandbytes keeps its own CPU kernels, and ours replace them anyway."""
+    missing = object()
+    saved = sys.modules.get("kernels", missing)
+    sys.modules["kernels"] = None  # `from kernels import ...` now raises ImportError, which bitsandbytes expects
+    try:
+        yield
+    finally:
+        if saved is missing:
+            del sys.modules["kernels"]
+        else:
+            sys.modules["kernels"] = saved
+
+
 def load_bitsandbytes(device: torch.device):
     """Import bitsandbytes quietly and check it runs on `device`: one clear error instead of an ImportError or a
     kernel failure halfway through a model."""
     # It warns at import about an optional `kernels` package, and 8-bit logs on every call: keep errors only.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), without_hub_kernels():
             warnings.simplefilter("ignore")
             import bitsandbytes
             import bitsandbytes.functional

@@ -200,6 +200,29 @@ def test_corrupt_quantized_checkpoint_is_a_clear_error(tmp_path, float_model):
 
 
 
+def test_bitsandbytes_never_fetches_hub_kernels(tmp_path):
+    """Where the `kernels` package is installed, bitsandbytes' CPU backend imports it at import time on
+    AVX512-BF16 CPUs to download and run compiled code from the hub; load_bitsandbytes hides it. A stand-in
+    `kernels` that records being imported proves it stays unimported, whatever the CPU; and inside
+    without_hub_kernels the import fails on every CPU, while outside it the package is back."""
+    import subprocess
+    import sys
+
+    marker = tmp_path / "imported"
+    (tmp_path / "kernels.py").write_text(f"open({str(marker)!r}, 'w').close()\ndef get_kernel(*a, **k): pass\n")
+    script = ("import os, torch; from localgpt.quantize import load_bitsandbytes, without_hub_kernels\n"
+              f"load_bitsandbytes(torch.device('cpu')); print('fetched' if os.path.exists({str(marker)!r}) "
+              "else 'untouched')\n"
+              "with without_hub_kernels():\n"
+              "    try:\n        import kernels\n        print('imported')\n"
+              "    except ImportError:\n        print('hidden')\n"
+              "import kernels; print('back', hasattr(kernels, 'get_kernel'))\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["untouched", "hidden", "back", "True"]
+
+
 def test_cli_quantize_list_show_generate(tmp_path, float_model):
     home = {"LOCALGPT_HOME": str(tmp_path / "home")}
     result = run_cli("quantize", str(float_model), "--bits", "4", env=home)
