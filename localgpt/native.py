@@ -81,6 +81,18 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+def cpu_vendor() -> str:
+    """/proc/cpuinfo's vendor_id ("AuthenticAMD", "GenuineIntel"), or "" (ARM names none)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
 def isa_for(flags: set[str]) -> str | None:
     """The best instruction set kernels.c has code for on a CPU with these flags, or None."""
     return next((isa for isa, needed in ISA_FLAGS.items() if needed <= flags), None)

@@ -342,23 +342,50 @@ def test_without_avx512_bf16_bfloat16_products_are_widened_to_float32():
     assert result.stdout.split() == ["0", "True", "True", "True"] and result.stderr == "", result.stderr
 
 
-@pytest.mark.parametrize("flags,expected", [(set(), torch.float32), ({"avx2", "fma"}, torch.float32),
-                                            ({"avx512_bf16"}, torch.bfloat16), ({"amx_bf16"}, torch.bfloat16)])
-def test_bfloat16_prompts_widen_to_float32_where_the_cpu_has_no_bfloat16_dot(monkeypatch, flags, expected):
+@pytest.mark.parametrize("vendor,flags,expected", [
+    ("AuthenticAMD", set(), torch.float32), ("AuthenticAMD", {"avx2", "fma"}, torch.float32),
+    ("AuthenticAMD", {"avx512_bf16"}, torch.bfloat16), ("GenuineIntel", {"avx512_bf16"}, torch.float32),
+    ("GenuineIntel", {"avx512_bf16", "amx_bf16"}, torch.bfloat16), ("", {"asimd"}, torch.float32)])
+def test_bfloat16_prompts_widen_to_float32_where_that_is_the_faster_product(monkeypatch, vendor, flags, expected):
     """A bfloat16 layer's prompt (more rows than decoding takes) is torch's float32 product of the widened weight,
-    rounded once, on a CPU with neither AVX512-BF16 nor AMX: torch's bfloat16 matmul took 4.7x as long there."""
+    rounded once, unless torch's bfloat16 matmul is the faster one: AMX tiles, or AVX512-BF16 on AMD (a Xeon with
+    AVX512-BF16 and no AMX ran it at 0.6x float32; AVX2 has no bfloat16 dot product at all)."""
     from localgpt.backends import native as native_backend
 
     monkeypatch.setattr(native, "cpu_flags", lambda: flags)
-    assert native_backend.dense_prompt_dtype(torch.bfloat16) == expected
-    assert native_backend.dense_prompt_dtype(torch.float32) == torch.float32
+    monkeypatch.setattr(native, "cpu_vendor", lambda: vendor)
+    assert native_backend.prompt_dtype(torch.bfloat16) == expected
+    assert native_backend.prompt_dtype(torch.float32) == torch.float32
     layer = rebuilt_as(torch.nn.Linear(96, 40).bfloat16(), NativeLinear)
-    layer.prompt_dtype = native_backend.dense_prompt_dtype(torch.bfloat16)
+    layer.prompt_dtype = native_backend.prompt_dtype(torch.bfloat16)
     x = torch.randn(2, 30, 96).bfloat16()
     y = layer(x)
     widened = F.linear(x.float(), layer.weight.float(), layer.bias.float()).bfloat16()
     assert y.dtype == torch.bfloat16 and torch.equal(y, widened if expected == torch.float32
                                                      else F.linear(x, layer.weight, layer.bias))
+
+
+@pytest.mark.parametrize("vendor,flags,onednn", [
+    ("AuthenticAMD", {"avx2", "avx512f"}, True), ("AuthenticAMD", {"avx2", "fma"}, False),
+    ("GenuineIntel", {"avx2", "avx512f"}, False), ("", {"asimd"}, False)])
+def test_float32_prompts_multiply_through_onednn_where_mkl_takes_its_avx2_path(monkeypatch, vendor, flags, onednn):
+    """A float32 prompt's products run through oneDNN's matmul on AMD CPUs with AVX-512 (MKL's sgemm took half its
+    speed there), F.linear elsewhere; either way y is float32 x Wᵀ + b, summed in the library's order."""
+    from localgpt.backends import native as native_backend
+
+    monkeypatch.setattr(native, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(native, "cpu_vendor", lambda: vendor)
+    chosen = native_backend.prompt_product(torch.float32)
+    assert (chosen is native_backend.onednn_linear) == (onednn and torch.backends.mkldnn.is_available())
+    assert native_backend.prompt_product(torch.bfloat16) is F.linear
+    layer = rebuilt_as(torch.nn.Linear(96, 40), NativeLinear)
+    layer.prompt_dtype, layer.prompt_product = torch.float32, native_backend.onednn_linear
+    x = torch.randn(2, 30, 96)
+    y = layer(x)
+    assert y.shape == (2, 30, 40) and y.dtype == torch.float32
+    torch.testing.assert_close(y, F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+    strided = x.transpose(0, 1)  # rows that are not contiguous
+    torch.testing.assert_close(layer(strided), F.linear(strided, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
 
 
 @needs_native

@@ -260,18 +260,23 @@ def test_int8_activations_need_a_4_bit_model(tmp_path):
     assert "native 4-bit nf4 · int8 activations" in result.stderr
 
 
-def test_bfloat16_prompts_multiply_in_float32_without_amx(bnb):
-    """A bfloat16 4-bit layer's prompt (more rows than decoding takes) is F.linear of the float32 dequantized
-    weight, rounded once to bfloat16, unless the CPU has AMX tiles (where bfloat16 matmul is the faster one)."""
+@pytest.mark.parametrize("vendor,flags,expected_dtype", [("AuthenticAMD", {"avx512_bf16"}, torch.bfloat16),
+                                                          ("GenuineIntel", {"avx512_bf16"}, torch.float32)])
+def test_bfloat16_4bit_prompts_multiply_in_the_dtype_of_dense_ones(bnb, monkeypatch, vendor, flags, expected_dtype):
+    """A bfloat16 4-bit layer's prompt (more rows than decoding takes) is F.linear of the weight dequantized to
+    prompt_dtype, the dtype a dense bfloat16 layer's prompt runs in: in bfloat16 that is bitsandbytes' own
+    dequantize_4bit then matmul; in float32 it is rounded once to bfloat16."""
     from localgpt.backends.native import prompt_dtype
 
-    has_amx = "amx_bf16" in native.cpu_flags()
-    assert prompt_dtype(torch.bfloat16) == (torch.bfloat16 if has_amx else torch.float32)
+    monkeypatch.setattr(native, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(native, "cpu_vendor", lambda: vendor)
     assert prompt_dtype(torch.float32) == torch.float32
-    stored, _ = stored_weight(torch.randn(48, 576), "nf4", bnb)
+    stored, dequantized = stored_weight(torch.randn(48, 576), "nf4", bnb)
     spec = QuantSpec(bits=4, quant_type="nf4", compute_dtype=torch.bfloat16)
     layer = native_quantized(make_module(stored, None, spec, bnb, CPU), torch.bfloat16)
+    assert layer.prompt_dtype == expected_dtype
     x = torch.randn(1, 40, 576).bfloat16()
     weight = native.dequantize(stored, layer.prompt_dtype)
+    assert torch.equal(weight, dequantized.to(expected_dtype))  # bitsandbytes' dequantization, rounded once
     expected = torch.nn.functional.linear(x.to(layer.prompt_dtype), weight).bfloat16()
     assert torch.equal(layer(x), expected)

@@ -41,17 +41,19 @@ def decoding(x: torch.Tensor) -> bool:
 
 class NativeLinear(Linear):
     """Decoding rows through kernels.c's products; a prompt through torch's, in float32 for a bfloat16 weight where
-    the CPU has no bfloat16 dot product (dense_prompt_dtype)."""
+    that is the faster product (prompt_dtype)."""
 
     product_kind = "native"
-    prompt_dtype: torch.dtype | None = None  # install() sets dense_prompt_dtype(weight's dtype)
+    prompt_dtype: torch.dtype | None = None  # install() sets prompt_dtype(weight's dtype)
+    prompt_product = staticmethod(F.linear)  # and prompt_product(prompt_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() > DECODE_ROWS * x.shape[-1]:
             if self.prompt_dtype not in (None, self.weight.dtype):  # bfloat16 widens exactly; y is rounded once
                 bias = None if self.bias is None else self.bias.to(self.prompt_dtype)
-                return F.linear(x.to(self.prompt_dtype), self.weight.to(self.prompt_dtype), bias).to(x.dtype)
-            return F.linear(x, self.weight, self.bias)
+                return self.prompt_product(x.to(self.prompt_dtype), self.weight.to(self.prompt_dtype),
+                                           bias).to(x.dtype)
+            return self.prompt_product(x, self.weight, self.bias)
         y = (native_linear_op if torch.compiler.is_compiling() else native.linear)(x, self.weight)  # (..., out)
         return y if self.bias is None else y + self.bias
 
@@ -59,9 +61,9 @@ class NativeLinear(Linear):
 class NativeQuantizedLinear(nn.Module):
     """A bitsandbytes layer (Linear8bitLt or Linear4bit) whose weight kernels.c reads as bitsandbytes stores it: a
     few rows decode through the quantized products; prompts multiply the dequantized weight with torch's product,
-    as bitsandbytes does on CPU (in float32 for a bfloat16 model where that is faster: prompt_dtype). Either way
-    the result is bitsandbytes' dequantize-then-matmul (for 8-bit without its int8 rounding of the activations,
-    which its outlier threshold exists to limit), unless int8_activations is on."""
+    as bitsandbytes does on CPU (in float32 for a bfloat16 model where that is the faster product: prompt_dtype).
+    Either way the result is bitsandbytes' dequantize-then-matmul (for 8-bit without its int8 rounding of the
+    activations, which its outlier threshold exists to limit), unless int8_activations is on."""
 
     def __init__(self, stored: QuantizedWeight, bias: torch.Tensor | None, dtype: torch.dtype, source: str):
         super().__init__()
@@ -71,6 +73,7 @@ class NativeQuantizedLinear(nn.Module):
         self.localgpt_bits = stored.bits
         self.int8_activations = False  # use_int8_activations() turns it on for 4-bit layers
         self.prompt_dtype = prompt_dtype(dtype)
+        self.prompt_product = prompt_product(self.prompt_dtype)
         self.source = source  # the bitsandbytes class it replaced, for describe()
 
     @property
@@ -86,27 +89,42 @@ class NativeQuantizedLinear(nn.Module):
             return y if self.bias is None else y + self.bias
         if self.prompt_dtype != self.dtype:  # bfloat16 x widens exactly; y is rounded back once
             bias = None if self.bias is None else self.bias.float()
-            return F.linear(x.float(), native.dequantize(self.stored, torch.float32), bias).to(self.dtype)
-        return F.linear(x, native.dequantize(self.stored, self.dtype), self.bias)
+            return self.prompt_product(x.float(), native.dequantize(self.stored, torch.float32), bias).to(self.dtype)
+        return self.prompt_product(x, native.dequantize(self.stored, self.dtype), self.bias)
 
 
 def prompt_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype a prompt's products with a dequantized weight run in. bfloat16 only where the CPU has AMX tiles:
-    elsewhere torch's bfloat16 matmul ran at 0.6x its float32 one (148 against 242 GFLOPS for 128 rows on a Xeon
-    with AVX512-BF16 but no AMX; on AVX2 bfloat16 has no dot product at all), and the float32 weight is the one the
-    decoding kernels multiply by too."""
-    if dtype == torch.bfloat16 and "amx_bf16" not in native.cpu_flags():
-        return torch.float32
-    return dtype
+    """The dtype a prompt's products with a bfloat16 weight run in, dense or dequantized from 8 or 4 bits: torch's
+    bfloat16 matmul where it is the faster one, float32 of the widened weight elsewhere (bfloat16 widens exactly,
+    and y is rounded once). Measured for 128 rows against float32: 4x as fast on a Zen 5 and 1.6x on a Zen 4 (AMD,
+    AVX512-BF16), fast through AMX tiles on a Xeon that has them, but 0.6x on a Xeon with AVX512-BF16 and no AMX,
+    and 0.2x on AVX2, which has no bfloat16 dot product at all (a 128-token SmolLM2 prompt took 1.7 s on a Zen 3,
+    against 0.36 s in float32)."""
+    if dtype != torch.bfloat16:
+        return dtype
+    flags = native.cpu_flags()
+    if "amx_bf16" in flags or "avx512_bf16" in flags and native.cpu_vendor() == "AuthenticAMD":
+        return torch.bfloat16
+    return torch.float32
 
 
-def dense_prompt_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype a prompt's products with a bfloat16 weight run in: float32 on a CPU with neither AVX512-BF16 nor
-    AMX, where torch's bfloat16 matmul has no dot product to use (a 128-token SmolLM2 prompt took 1.7 s in bfloat16
-    on a Zen 3, against 0.36 s in float32); widening the weight for each prompt costs far less than that."""
-    if dtype == torch.bfloat16 and not {"avx512_bf16", "amx_bf16"} & native.cpu_flags():
-        return torch.float32
-    return dtype
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear in float32 through oneDNN's matmul instead of MKL's sgemm (same float32 math, summed in another
+    order), for prompt_product."""
+    if torch.compiler.is_compiling():
+        return F.linear(x, weight, bias)
+    y = torch._C._nn.mkldnn_linear(x.reshape(-1, x.shape[-1]).to_mkldnn(), weight, bias).to_dense()
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def prompt_product(dtype: torch.dtype):
+    """The product a prompt's rows multiply a weight by in this dtype: F.linear (MKL's sgemm for float32), except
+    float32 on an AMD CPU with AVX-512, where MKL's sgemm runs its AVX2 code (163-187 GFLOPS for 128 rows of
+    SmolLM2's products on a 2-core Zen 5, against oneDNN's 347-398); with AVX2 alone the two were within 10%."""
+    if dtype == torch.float32 and native.cpu_vendor() == "AuthenticAMD" and "avx512f" in native.cpu_flags() \
+            and torch.backends.mkldnn.is_available():
+        return onednn_linear
+    return F.linear
 
 
 def native_quantized(module: nn.Module, dtype: torch.dtype) -> NativeQuantizedLinear | None:
@@ -222,7 +240,9 @@ def install(model: Transformer, head_only: bool = False, whole_layers: bool = Tr
         may_reorder = not head_only or module is model.lm_head
         if may_reorder and native.supports(module.weight):
             model.set_submodule(name, rebuilt_as(module, NativeLinear))
-            model.get_submodule(name).prompt_dtype = dense_prompt_dtype(module.weight.dtype)
+            native_linear = model.get_submodule(name)
+            native_linear.prompt_dtype = prompt_dtype(module.weight.dtype)
+            native_linear.prompt_product = prompt_product(native_linear.prompt_dtype)
         else:
             model.set_submodule(name, torch_backend.faster_linear(model, module, may_reorder))
     layers = Counter()
