@@ -917,12 +917,16 @@ static uint16_t *bf16_rows_for_q4(const uint16_t *x, int64_t M, int64_t K) {
     uint16_t *out = malloc(sizeof(uint16_t) * M * K);
     if (!out) return NULL;
     int64_t whole = K / Q4_WORDS_GROUP * Q4_WORDS_GROUP;
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t k = 0; k < K; k++) {
-            int64_t base = k < whole ? k / Q4_WORDS_GROUP * Q4_WORDS_GROUP : whole, offset = k - base;
-            int64_t words = k < whole ? 32 : 16;
-            out[m * K + base + (offset % 4 ^ 1) * words + offset / 4] = x[m * K + k];
-        }
+    int64_t place[Q4_WORDS_GROUP], tail_place[Q4_BLOCK]; /* the order repeats per group (the tail: 16 words) */
+    for (int64_t j = 0; j < Q4_WORDS_GROUP; j++) place[j] = (j % 4 ^ 1) * 32 + j / 4;
+    for (int64_t j = 0; j < Q4_BLOCK; j++) tail_place[j] = (j % 4 ^ 1) * 16 + j / 4;
+    for (int64_t m = 0; m < M; m++) {
+        const uint16_t *row = x + m * K;
+        uint16_t *copy = out + m * K;
+        for (int64_t base = 0; base < whole; base += Q4_WORDS_GROUP)
+            for (int64_t j = 0; j < Q4_WORDS_GROUP; j++) copy[base + place[j]] = row[base + j];
+        for (int64_t j = 0; j < K - whole; j++) copy[whole + tail_place[j]] = row[whole + j];
+    }
     return out;
 }
 
