@@ -195,28 +195,36 @@ def run_llama_cpp(gguf: str, prompt_tokens: int, new_tokens: int, repeats: int, 
 
 def run_llama_bench(binary: str, gguf: str, prompt_tokens: int, new_tokens: int, repeats: int,
                     threads: int) -> BenchResult:
-    """llama.cpp's own `llama-bench` on the GGUF: its pp (prompt) and tg (generation) rows, mean ± sd over
-    `repeats` runs. Its time to first token is the prompt's processing time (pp), the nearest figure it reports."""
-    command = [binary, "-m", gguf, "-p", str(prompt_tokens), "-n", str(new_tokens), "-r", str(repeats),
-               "-t", str(threads), "-o", "json"]
-    try:
-        process = subprocess.run(command, capture_output=True, text=True, timeout=3600)
-    except OSError as exc:
-        raise UsageError(f"cannot run llama-bench at {binary}: {exc.strerror or exc}") from None
-    try:
-        rows = json.loads(process.stdout)
-        prompt = next(r for r in rows if r["n_prompt"] == prompt_tokens and r["n_gen"] == 0)
-        generation = next(r for r in rows if r["n_prompt"] == 0 and r["n_gen"] == new_tokens)
-    except (ValueError, StopIteration, KeyError, TypeError):
-        last = (process.stderr.strip().splitlines() or ["no JSON on stdout"])[-1]
-        raise LocalGPTError(f"llama-bench gave no pp{prompt_tokens}/tg{new_tokens} rows ({last})") from None
+    """llama.cpp's own `llama-bench` on the GGUF: its pp (prompt) row, and its tg (generation) row at depth
+    prompt_tokens (`-d`), since ours decodes after the prompt too: mean ± sd over `repeats` runs. Its time to
+    first token is the prompt's processing time (pp), the nearest figure it reports."""
+    common = ["-m", gguf, "-r", str(repeats), "-t", str(threads), "-o", "json"]
+    prompt = llama_bench_row(binary, [*common, "-p", str(prompt_tokens), "-n", "0"], prompt_tokens, 0)
+    generation = llama_bench_row(binary, [*common, "-p", "0", "-n", str(new_tokens), "-d", str(prompt_tokens)],
+                                 0, new_tokens)
     quant = str(generation.get("model_type", "")).split()[-1] if generation.get("model_type") else \
         Path(gguf).stem.rsplit(".", 1)[-1]
     child_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # KB on Linux: llama-bench's own
     return BenchResult("llama.cpp", quant, prompt_tokens / prompt["avg_ts"], prompt["avg_ts"], generation["avg_ts"],
                        os.path.getsize(gguf), child_peak, 0.0, int(generation.get("n_threads", threads)),
                        prefill_sd=prompt.get("stddev_ts", 0.0), decode_sd=generation.get("stddev_ts", 0.0),
-                       source=f"llama-bench pp{prompt_tokens}/tg{new_tokens}, mean ± sd of {repeats}")
+                       source=f"llama-bench pp{prompt_tokens}/tg{new_tokens} @ d{prompt_tokens}, "
+                              f"mean ± sd of {repeats}")
+
+
+def llama_bench_row(binary: str, arguments: list[str], prompt_tokens: int, new_tokens: int) -> dict:
+    """The one JSON row of a llama-bench run for these token counts."""
+    try:
+        process = subprocess.run([binary, *arguments], capture_output=True, text=True, timeout=3600)
+    except OSError as exc:
+        raise UsageError(f"cannot run llama-bench at {binary}: {exc.strerror or exc}") from None
+    try:
+        rows = json.loads(process.stdout)
+        return next(r for r in rows if r["n_prompt"] == prompt_tokens and r["n_gen"] == new_tokens)
+    except (ValueError, StopIteration, KeyError, TypeError):
+        last = (process.stderr.strip().splitlines() or ["no JSON on stdout"])[-1]
+        what = f"pp{prompt_tokens}" if prompt_tokens else f"tg{new_tokens}"
+        raise LocalGPTError(f"llama-bench gave no {what} row ({last})") from None
 
 
 def memory_bandwidth(size_mb: int = 512, repeats: int = 5) -> float:

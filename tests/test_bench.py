@@ -90,17 +90,19 @@ def test_llama_cpp_missing_is_a_clear_error(model, tmp_path):
 
 
 FAKE_LLAMA_BENCH = '''#!{python}
-"""Stands in for llama.cpp's llama-bench: records its arguments, prints rows in its `-o json` format."""
+"""Stands in for llama.cpp's llama-bench: records each run's arguments, prints its rows in `-o json` format."""
 import json, sys
 args = sys.argv[1:]
-open({record!r}, "w").write(json.dumps(args))
-value = lambda flag: args[args.index(flag) + 1]
-rows = [
-    dict(model_type="llama 135M F32", n_threads=int(value("-t")), n_prompt=int(value("-p")), n_gen=0,
-         avg_ts=1234.5, stddev_ts=12.5, samples_ts=[1222.0, 1247.0]),
-    dict(model_type="llama 135M F32", n_threads=int(value("-t")), n_prompt=0, n_gen=int(value("-n")),
-         avg_ts=86.25, stddev_ts=0.75, samples_ts=[85.5, 87.0]),
-]
+open({record!r}, "a").write(json.dumps(args) + "\\n")
+value = lambda flag, default=None: args[args.index(flag) + 1] if flag in args else default
+prompt, generate, depth = int(value("-p")), int(value("-n")), int(value("-d", "0"))
+rows = []
+if prompt:
+    rows.append(dict(model_type="llama 135M F32", n_threads=int(value("-t")), n_prompt=prompt, n_gen=0,
+                     n_depth=depth, avg_ts=1234.5, stddev_ts=12.5, samples_ts=[1222.0, 1247.0]))
+if generate:
+    rows.append(dict(model_type="llama 135M F32", n_threads=int(value("-t")), n_prompt=0, n_gen=generate,
+                     n_depth=depth, avg_ts=86.25 if depth == 16 else 99.0, stddev_ts=0.75, samples_ts=[85.5, 87.0]))
 print(json.dumps(rows, indent=2))
 '''
 
@@ -121,15 +123,21 @@ def test_llama_bench_rows_are_read_as_llama_cpp_reports_them(model, tmp_path):
                  "--compare", "llama.cpp", "--gguf", str(gguf), "--llama-bench", str(binary), "--json", timeout=300)
     assert result.returncode == 0, result.stderr
     ours, theirs = json.loads(result.stdout)["results"]
-    args = json.loads(record.read_text())
-    assert args[args.index("-p") + 1] == "16" and args[args.index("-n") + 1] == "6"
-    assert args[args.index("-r") + 1] == "2" and args[args.index("-t") + 1] == str(ours["threads"])
-    assert args[args.index("-m") + 1] == str(gguf) and "json" in args
+    prompt_run, generation_run = [json.loads(line) for line in record.read_text().splitlines()]
+    for args in prompt_run, generation_run:
+        assert args[args.index("-r") + 1] == "2" and args[args.index("-t") + 1] == str(ours["threads"])
+        assert args[args.index("-m") + 1] == str(gguf) and "json" in args
+    # the prompt from an empty context; decoding after it, at its depth, as ours decodes
+    assert prompt_run[prompt_run.index("-p") + 1] == "16" and prompt_run[prompt_run.index("-n") + 1] == "0"
+    assert "-d" not in prompt_run
+    flag = lambda name: generation_run[generation_run.index(name) + 1]  # noqa: E731
+    assert (flag("-p"), flag("-n"), flag("-d")) == ("0", "6", "16")
     assert theirs["decode_tps"] == 86.25 and theirs["decode_sd"] == 0.75 and theirs["prefill_tps"] == 1234.5
-    assert theirs["dtype"] == "F32" and theirs["source"].startswith("llama-bench pp16/tg6")
+    assert theirs["dtype"] == "F32" and theirs["source"].startswith("llama-bench pp16/tg6 @ d16")
+    record.unlink()
     table = run("bench", "-m", str(model), "--prompt-tokens", "16", "--new-tokens", "6", "--repeats", "1",
                 "--compare", "llama.cpp", "--gguf", str(gguf), "--llama-bench", str(binary), timeout=300)
-    assert "± sd" in table.stdout and "llama.cpp: llama-bench pp16/tg6, mean ± sd of 1" in table.stdout
+    assert "± sd" in table.stdout and "llama.cpp: llama-bench pp16/tg6 @ d16, mean ± sd of 1" in table.stdout
 
 
 def test_llama_bench_that_is_not_a_program_is_a_usage_error(capsys, model, tmp_path):
