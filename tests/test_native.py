@@ -366,11 +366,13 @@ def test_bfloat16_prompts_widen_to_float32_where_that_is_the_faster_product(monk
 
 
 @pytest.mark.parametrize("vendor,flags,onednn", [
-    ("AuthenticAMD", {"avx2", "avx512f"}, True), ("AuthenticAMD", {"avx2", "fma"}, False),
-    ("GenuineIntel", {"avx2", "avx512f"}, False), ("", {"asimd"}, False)])
+    ("AuthenticAMD", {"avx2", "fma", "avx512f"}, True), ("AuthenticAMD", {"avx2", "fma"}, True),
+    ("AuthenticAMD", {"sse4_2"}, False), ("GenuineIntel", {"avx2", "fma", "avx512f"}, False),
+    ("", {"asimd"}, False)])
 def test_float32_prompts_multiply_through_onednn_where_mkl_takes_its_avx2_path(monkeypatch, vendor, flags, onednn):
-    """A float32 prompt's products run through oneDNN's matmul on AMD CPUs with AVX-512 (MKL's sgemm took half its
-    speed there), F.linear elsewhere; either way y is float32 x Wᵀ + b, summed in the library's order."""
+    """A float32 prompt's products run through oneDNN's matmul on AMD CPUs (MKL's sgemm runs its AVX2 code there,
+    at half oneDNN's speed with AVX-512), F.linear elsewhere; either way y is float32 x Wᵀ + b, summed in the
+    library's order."""
     from localgpt.backends import native as native_backend
 
     monkeypatch.setattr(native, "cpu_flags", lambda: flags)

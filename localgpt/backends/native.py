@@ -121,9 +121,10 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 def prompt_product(dtype: torch.dtype):
     """The product a prompt's rows multiply a weight by in this dtype: F.linear (MKL's sgemm for float32), except
-    float32 on an AMD CPU with AVX-512, where MKL's sgemm runs its AVX2 code (163-187 GFLOPS for 128 rows of
-    SmolLM2's products on a 2-core Zen 5, against oneDNN's 347-398); with AVX2 alone the two were within 10%."""
-    if dtype == torch.float32 and native.cpu_vendor() == "AuthenticAMD" and "avx512f" in native.cpu_flags() \
+    float32 on AMD, where MKL's sgemm runs its AVX2 code: oneDNN's matmul took 128 rows of SmolLM2's products at
+    342-412 GFLOPS against MKL's 144-186 on a 2-core Zen 5, and held to AVX2 (ONEDNN_MAX_CPU_ISA=AVX2, a Zen 3's
+    instructions) at 152-209 against 120-174."""
+    if dtype == torch.float32 and native.cpu_vendor() == "AuthenticAMD" and {"avx2", "fma"} <= native.cpu_flags() \
             and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
         return onednn_linear
     return F.linear
