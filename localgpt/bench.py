@@ -319,15 +319,9 @@ def measure(implementation: str, **options) -> BenchResult:
 def machine_description() -> str:
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     from localgpt import native
+
+    cpu = native.cpuinfo_field("model name") or platform.processor() or platform.machine()
 
     kernels = f"on ({native.isa()})" if native.library() is not None else "off (torch's ops)"
     return (f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads; torch {torch.__version__}, "

@@ -68,29 +68,30 @@ def masked_flags() -> set[str]:
     return set(os.environ.get(MASK_VARIABLE, "").replace(",", " ").split())
 
 
+@functools.cache
+def _cpuinfo_lines() -> tuple[str, ...]:
+    """/proc/cpuinfo's lines, read once: a model's load asks for the flags and vendor per layer."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return tuple(cpuinfo)
+    except OSError:
+        return ()
+
+
+def cpuinfo_field(*names: str) -> str | None:
+    """The value of the first /proc/cpuinfo line that starts with one of these names, or None."""
+    return next((line.split(":", 1)[1].strip() for line in _cpuinfo_lines() if line.startswith(names)), None)
+
+
 def cpu_flags() -> set[str]:
     """This CPU's feature flags as /proc/cpuinfo names them ("flags" on x86, "Features" on ARM), less any that
     LOCALGPT_CPU_FLAGS_MASK hides."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith(("flags", "Features")):
-                    return set(line.split(":", 1)[1].split()) - masked_flags()
-    except OSError:
-        pass
-    return set()
+    return set((cpuinfo_field("flags", "Features") or "").split()) - masked_flags()
 
 
 def cpu_vendor() -> str:
     """/proc/cpuinfo's vendor_id ("AuthenticAMD", "GenuineIntel"), or "" (ARM names none)."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
+    return cpuinfo_field("vendor_id") or ""
 
 
 def isa_for(flags: set[str]) -> str | None:
