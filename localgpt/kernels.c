@@ -193,8 +193,9 @@ const char *lg_isa(void) { return VL == 16 ? "avx512" : VL == 8 ? "avx2" : "neon
 #define MAX_ROWS 4 /* rows of x per pass over the weights: 4 x 2 accumulators stay in registers */
 
 /* With 3-4 rows of x the loop computes long enough per byte that the hardware prefetchers fall behind: asking for
- * the weight lines 16 KB ahead into L2 makes 4-row float32 products faster (for 1-2 rows it costs bandwidth, so
- * they do not; measured in docs/benchmarks.md). */
+ * the weight lines 16 KB ahead into L2 makes 4-row products faster (float32; 8-bit and 4-bit too, where each line
+ * holds 64 or 128 weights: a 4-row 8-bit head 3.4 → 1.6 ms on one Zen 5 core, as the loads and the arithmetic
+ * overlap instead of taking turns). For 1-2 rows it costs bandwidth, so they do not (docs/benchmarks.md). */
 #define PREFETCH_BYTES 16384
 static inline void prefetch_ahead(const void *at, int lines) {
     for (int line = 0; line < lines; line++) __builtin_prefetch((const char *)at + PREFETCH_BYTES + 64 * line, 0, 2);
@@ -667,6 +668,7 @@ static const float INT8_SCALE = 7.874015718698502e-3f; /* 1 / 127, the constant 
         const int8_t *wr = w + n * K;                                                                            \
         int64_t i = 0;                                                                                           \
         for (; i + 2 * VL <= K; i += 2 * VL) {                                                                   \
+            if (MB >= 3 && i % 64 == 0) prefetch_ahead(wr + i, 1);                                               \
             vf w0 = vload_i8(wr + i), w1 = vload_i8(wr + i + VL);                                                \
             for (int m = 0; m < MB; m++) {                                                                       \
                 acc[m][0] = vfma(vload(xr + m * K + i), w0, acc[m][0]);                                          \
@@ -695,6 +697,7 @@ static const float INT8_SCALE = 7.874015718698502e-3f; /* 1 / 127, the constant 
         const float *row_absmax = scale + n * (K / Q4_BLOCK);                                                    \
         int64_t groups = K / Q4_GROUP;                                                                           \
         for (int64_t group = 0; group < groups; group++) {                                                       \
+            if (MB >= 3) prefetch_ahead(wr + group * (Q4_GROUP / 2), Q4_GROUP / 2 / 64);                         \
             vi words = vload_words(wr + group * (Q4_GROUP / 2));                                                 \
             vf sum[MB][2];                                                                                       \
             for (int m = 0; m < MB; m++) sum[m][0] = sum[m][1] = vzero();                                        \
@@ -817,6 +820,7 @@ static inline vplanes vload_planes(const float *code_values, int bf16) {
         for (int64_t block = 0; block < K / Q4_BLOCK; block++) {                                                 \
             vf sum[MB][2];                                                                                       \
             for (int m = 0; m < MB; m++) sum[m][0] = sum[m][1] = vzero();                                        \
+            if (MB >= 3 && block % 2 == 0) prefetch_ahead(wr + block * (Q4_BLOCK / 2), 1);                       \
             const float *xp = xr + block * Q4_BLOCK;                                                             \
             for (int chunk = 0; chunk < Q4_CHUNKS; chunk++) {                                                    \
                 vbytes bytes = vload_chunk(wr + block * (Q4_BLOCK / 2) + chunk * Q4_CHUNK);                      \
@@ -913,19 +917,24 @@ QUANTIZED_LINEAR(linear_q4_bf16_code, uint8_t, Q4_BF16_ROW, q4_bf16_position, Q4
  * that is not whole groups of 128 ends with one of 64 (16 words, in 256-bit registers). Products are exact in
  * float32 and summed there; the absmax scale applies per 64 values, in float32. */
 #define Q4_WORDS_GROUP 128
+/* The copy interleaves the rows of each pass (MAX_ROWS rows, FOR_ROW_BLOCKS'): group by group, the pass's rows'
+ * 128 values one after another, so every load of x in a group is one pointer plus a constant (with a pointer per
+ * row, gcc ran out of registers and spilled in the 4-row loop). */
 static uint16_t *bf16_rows_for_q4(const uint16_t *x, int64_t M, int64_t K) {
     uint16_t *out = malloc(sizeof(uint16_t) * M * K);
     if (!out) return NULL;
-    int64_t whole = K / Q4_WORDS_GROUP * Q4_WORDS_GROUP;
+    int64_t groups = K / Q4_WORDS_GROUP, whole = groups * Q4_WORDS_GROUP;
     int64_t place[Q4_WORDS_GROUP], tail_place[Q4_BLOCK]; /* the order repeats per group (the tail: 16 words) */
     for (int64_t j = 0; j < Q4_WORDS_GROUP; j++) place[j] = (j % 4 ^ 1) * 32 + j / 4;
     for (int64_t j = 0; j < Q4_BLOCK; j++) tail_place[j] = (j % 4 ^ 1) * 16 + j / 4;
     for (int64_t m = 0; m < M; m++) {
+        int64_t m0 = m / MAX_ROWS * MAX_ROWS, rows = M - m0 < MAX_ROWS ? M - m0 : MAX_ROWS, r = m - m0;
         const uint16_t *row = x + m * K;
-        uint16_t *copy = out + m * K;
-        for (int64_t base = 0; base < whole; base += Q4_WORDS_GROUP)
-            for (int64_t j = 0; j < Q4_WORDS_GROUP; j++) copy[base + place[j]] = row[base + j];
-        for (int64_t j = 0; j < K - whole; j++) copy[whole + tail_place[j]] = row[whole + j];
+        uint16_t *pass = out + m0 * K;
+        for (int64_t group = 0; group < groups; group++)
+            for (int64_t j = 0; j < Q4_WORDS_GROUP; j++)
+                pass[(group * rows + r) * Q4_WORDS_GROUP + place[j]] = row[group * Q4_WORDS_GROUP + j];
+        for (int64_t j = 0; j < K - whole; j++) pass[whole * rows + r * Q4_BLOCK + tail_place[j]] = row[whole + j];
     }
     return out;
 }
@@ -939,15 +948,16 @@ static uint16_t *bf16_rows_for_q4(const uint16_t *x, int64_t M, int64_t K) {
         const float *row_absmax = scale + n * (K / Q4_BLOCK);                                                    \
         int64_t groups = K / Q4_WORDS_GROUP;                                                                     \
         for (int64_t group = 0; group < groups; group++) {                                                       \
+            if (MB >= 3) prefetch_ahead(wr + group * (Q4_WORDS_GROUP / 2), 1);                                   \
             __m512i words = _mm512_loadu_si512(wr + group * (Q4_WORDS_GROUP / 2));                               \
             __m512 sum[MB][2];                                                                                   \
             for (int m = 0; m < MB; m++) sum[m][0] = sum[m][1] = _mm512_setzero_ps();                            \
-            const uint16_t *xp = xr + group * Q4_WORDS_GROUP;                                                    \
+            const uint16_t *xp = xr + group * MB * Q4_WORDS_GROUP;                                               \
             for (int s = 0; s < 4; s++) {                                                                        \
                 __m512bh weights = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(words, 4 * s), code32);  \
                 for (int m = 0; m < MB; m++)                                                                     \
-                    sum[m][s & 1] = _mm512_dpbf16_ps(sum[m][s & 1],                                              \
-                                                     (__m512bh)_mm512_loadu_si512(xp + m * K + s * 32), weights);\
+                    sum[m][s & 1] = _mm512_dpbf16_ps(sum[m][s & 1], weights,                                     \
+                                                     (__m512bh)_mm512_loadu_si512(xp + m * Q4_WORDS_GROUP + s * 32)); \
             }                                                                                                    \
             __m512 scales = vgroup_scales(row_absmax, group);                                                    \
             for (int m = 0; m < MB; m++) acc[m] = _mm512_fmadd_ps(_mm512_add_ps(sum[m][0], sum[m][1]), scales, acc[m]); \
@@ -956,12 +966,12 @@ static uint16_t *bf16_rows_for_q4(const uint16_t *x, int64_t M, int64_t K) {
             __m256i words = _mm256_loadu_si256((const __m256i *)(wr + groups * (Q4_WORDS_GROUP / 2)));           \
             __m256 sum[MB];                                                                                      \
             for (int m = 0; m < MB; m++) sum[m] = _mm256_setzero_ps();                                           \
-            const uint16_t *xp = xr + groups * Q4_WORDS_GROUP;                                                   \
+            const uint16_t *xp = xr + groups * MB * Q4_WORDS_GROUP;                                              \
             for (int s = 0; s < 4; s++) {                                                                        \
                 __m256bh weights = (__m256bh)_mm256_permutexvar_epi16(_mm256_srli_epi16(words, 4 * s), code16);  \
                 for (int m = 0; m < MB; m++)                                                                     \
-                    sum[m] = _mm256_dpbf16_ps(sum[m], (__m256bh)_mm256_loadu_si256((const __m256i *)(xp + m * K + s * 16)), \
-                                              weights);                                                          \
+                    sum[m] = _mm256_dpbf16_ps(sum[m], weights,                                                   \
+                                              (__m256bh)_mm256_loadu_si256((const __m256i *)(xp + m * Q4_BLOCK + s * 16))); \
             }                                                                                                    \
             for (int m = 0; m < MB; m++) tail[m] = hsum256(sum[m]) * row_absmax[K / Q4_BLOCK - 1];               \
         }                                                                                                        \
@@ -982,10 +992,54 @@ static int linear_q4_words(const void *x, int bf16, const uint8_t *w, const floa
     return 0;
 }
 #define LINEAR_Q4_FOR_BF16 linear_q4_words
+
+/* 8-bit with bfloat16 x where the CPU has AVX512-BF16: 32 int8 weights widen to float32 and narrow to bfloat16
+ * (exactly: integers up to 256 are bfloat16 values) in three conversions, and vdpbf16ps multiplies them with x as
+ * stored, two products per lane: with 4 rows of x (beams) this does half the float32 path's multiply-adds, which
+ * bound it, and x needs no float32 copy. Products are exact in float32 and summed there; SCB / 127 applies per row. */
+static inline __m512bh q8_bf16_weights(const int8_t *p, __mmask32 k) {
+    __m512 low = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8((__mmask16)k, p)));
+    __m512 high = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8((__mmask16)(k >> 16), p + 16)));
+    return _mm512_cvtne2ps_pbh(high, low);
+}
+#define Q8_WORDS_ROW(MB)                                                                                         \
+    {                                                                                                            \
+        __m512 acc[MB][2];                                                                                       \
+        for (int m = 0; m < MB; m++) acc[m][0] = acc[m][1] = _mm512_setzero_ps();                                \
+        const int8_t *wr = w + n * K;                                                                            \
+        int64_t i = 0;                                                                                           \
+        for (; i + 64 <= K; i += 64) {                                                                           \
+            if (MB >= 3) prefetch_ahead(wr + i, 1);                                                              \
+            __m512bh w0 = q8_bf16_weights(wr + i, 0xffffffffu), w1 = q8_bf16_weights(wr + i + 32, 0xffffffffu);  \
+            for (int m = 0; m < MB; m++) {                                                                       \
+                acc[m][0] = _mm512_dpbf16_ps(acc[m][0], w0, (__m512bh)_mm512_loadu_si512(xr + m * K + i));       \
+                acc[m][1] = _mm512_dpbf16_ps(acc[m][1], w1, (__m512bh)_mm512_loadu_si512(xr + m * K + i + 32));  \
+            }                                                                                                    \
+        }                                                                                                        \
+        for (; i < K; i += 32) {                                                                                 \
+            __mmask32 k = K - i >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << (K - i)) - 1);               \
+            __m512bh w0 = q8_bf16_weights(wr + i, k);                                                            \
+            for (int m = 0; m < MB; m++)                                                                         \
+                acc[m][0] = _mm512_dpbf16_ps(acc[m][0], w0, (__m512bh)_mm512_maskz_loadu_epi16(k, xr + m * K + i)); \
+        }                                                                                                        \
+        float row_scale = scale[n] * INT8_SCALE;                                                                 \
+        for (int m = 0; m < MB; m++) yr[m * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1])) * row_scale; \
+    }
+static int linear_q8_words(const void *x, int bf16, const int8_t *w, const float *scale, const float *code_values,
+                           float *y, int64_t M, int64_t K, int64_t N) {
+    (void)bf16, (void)code_values;
+    const uint16_t *xs = x;
+    FOR_ROW_BLOCKS(uint16_t, xs, float, y, Q8_WORDS_ROW)
+    return 0;
+}
+#define LINEAR_Q8_FOR_BF16 linear_q8_words
 #elif VL != 16
 #define LINEAR_Q4_FOR_BF16 linear_q4_bf16_code
 #else
 #define LINEAR_Q4_FOR_BF16 linear_q4
+#endif
+#ifndef LINEAR_Q8_FOR_BF16
+#define LINEAR_Q8_FOR_BF16 linear_q8
 #endif
 
 /* The entry points, by the dtype of x and y: float32 y is written in place, bfloat16 y through a float32 copy. */
@@ -1002,7 +1056,7 @@ static int linear_q4_words(const void *x, int bf16, const uint8_t *w, const floa
         return status;                                                                                           \
     }
 QUANTIZED_ENTRY(lg_linear_q8_f32, linear_q8, int8_t, float, 0)
-QUANTIZED_ENTRY(lg_linear_q8_bf16, linear_q8, int8_t, uint16_t, 1)
+QUANTIZED_ENTRY(lg_linear_q8_bf16, LINEAR_Q8_FOR_BF16, int8_t, uint16_t, 1)
 QUANTIZED_ENTRY(lg_linear_q4_f32, linear_q4, uint8_t, float, 0)
 QUANTIZED_ENTRY(lg_linear_q4_bf16, LINEAR_Q4_FOR_BF16, uint8_t, uint16_t, 1)
 
@@ -1123,6 +1177,7 @@ static void q4i8_bias(const int8_t *xq, const float *xs, int64_t M, int64_t K, i
         const float *row_absmax = scale + n * (K / Q4_BLOCK);                                                    \
         int64_t groups = K / 128;                                                                                \
         for (int64_t group = 0; group < groups; group++) {                                                       \
+            if (MB >= 3) prefetch_ahead(wr + group * 64, 1);                                                     \
             q4_wide weights = q4_wide_decode(biased_table, wr + group * 64);                                     \
             __m512 absmax = vgroup_scales(row_absmax, group);                                                    \
             for (int m = 0; m < MB; m++) {                                                                       \
@@ -1165,6 +1220,7 @@ static inline int64_t q4i8_position(int64_t K, int64_t k) {
         const uint8_t *wr = w + n * (K / 2);                                                                     \
         const float *row_absmax = scale + n * (K / Q4_BLOCK);                                                    \
         for (int64_t block = 0; block < K / Q4_BLOCK; block++) {                                                 \
+            if (MB >= 3 && block % 2 == 0) prefetch_ahead(wr + block * Q4I8_HALF, 1);                            \
             q4_block weights = q4_decode(table, wr + block * Q4I8_HALF);                                         \
             for (int m = 0; m < MB; m++) {                                                                       \
                 float block_scale = row_absmax[block] * xs[(m0 + m) * (K / Q4_BLOCK) + block];                   \
