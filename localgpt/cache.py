@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from localgpt import native
+
 
 def write_positions(cache_keys: torch.Tensor, cache_values: torch.Tensor, slot: int, keys: torch.Tensor,
                     values: torch.Tensor) -> None:
@@ -137,12 +139,16 @@ class LayerCache:
     def filled(self) -> slice:
         return slice(0, min(self.length, self.slots))
 
+    def reordered_span(self, shared: int) -> slice:
+        """The slots a reorder copies: the filled ones from `shared` on, or all of a ring that has wrapped."""
+        filled = self.filled()
+        first = 0 if self.ring and self.length > self.slots else min(shared, filled.stop)
+        return slice(first, filled.stop)
+
     def reorder(self, moved: torch.Tensor, sources: torch.Tensor, shared: int = 0) -> None:
         """Rows `moved` become copies of rows `sources`. Positions before `shared` already hold the same keys and
         values in every row, so they stay; a ring that has wrapped keeps no positions in order and moves whole."""
-        filled = self.filled()
-        first = 0 if self.ring and self.length > self.slots else min(shared, filled.stop)
-        span = slice(first, filled.stop)
+        span = self.reordered_span(shared)
         # The right-hand side gathers (copies) first, so rows that swap places are safe.
         self.keys[moved, :, span] = self.keys[sources, :, span]
         self.values[moved, :, span] = self.values[sources, :, span]
@@ -201,6 +207,8 @@ class KVCache:
         if len(moved) == 0:
             return  # every beam continues itself: nothing to copy
         sources = batch_indices[moved]
+        if native.copy_rows(self.layers, moved, sources, shared):  # one call for every layer, where it runs
+            return
         for layer in self.layers:
             layer.reorder(moved, sources, shared)
 

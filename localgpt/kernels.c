@@ -28,6 +28,7 @@
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #if defined(__x86_64__)
 static inline float hsum256(__m256 v) { /* the sum of 8 float32 lanes: vsum's AVX2 layer, and the 256-bit loops */
@@ -1427,3 +1428,32 @@ static inline uint16_t add_bf16(uint16_t a, uint16_t b) { return round_to_bf16_s
 
 DECODER_BLOCK(lg_decoder_block_f32, float, f32, add_f32)
 DECODER_BLOCK(lg_decoder_block_bf16, uint16_t, bf16, add_bf16)
+
+/* Beam search's cache reorder, every layer's keys and values in one call: in buffer j (B, heads[j], slots,
+ * row_bytes[j] per slot; batch and head strides in bytes), rows moved[i] become copies of rows sources[i] over slots
+ * [firsts[j], stops[j]). Each buffer's sources are read into scratch first, so rows that swap places are safe.
+ * Why: 60 advanced-index copies of a few KB each took 1.3-1.7 ms of a 4-beam SmolLM2 step (~20 us apiece). */
+int lg_copy_rows(int64_t buffers, char *const *bases, const int64_t *batch_strides, const int64_t *head_strides,
+                 const int64_t *heads, const int64_t *row_bytes, const int64_t *firsts, const int64_t *stops,
+                 const int64_t *moved, const int64_t *sources, int64_t count) {
+    int failed = 0;
+    _Pragma("omp parallel for schedule(static) reduction(|:failed)")
+    for (int64_t j = 0; j < buffers; j++) {
+        int64_t span = (stops[j] - firsts[j]) * row_bytes[j];
+        if (span <= 0) continue;
+        char *scratch = malloc(span * heads[j] * count);
+        if (!scratch) {
+            failed = 1;
+            continue;
+        }
+        char *first = bases[j] + firsts[j] * row_bytes[j];
+        for (int64_t i = 0; i < count; i++)
+            for (int64_t h = 0; h < heads[j]; h++)
+                memcpy(scratch + (i * heads[j] + h) * span, first + sources[i] * batch_strides[j] + h * head_strides[j], span);
+        for (int64_t i = 0; i < count; i++)
+            for (int64_t h = 0; h < heads[j]; h++)
+                memcpy(first + moved[i] * batch_strides[j] + h * head_strides[j], scratch + (i * heads[j] + h) * span, span);
+        free(scratch);
+    }
+    return failed ? -1 : 0;
+}

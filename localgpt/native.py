@@ -176,6 +176,8 @@ def load(path: Path) -> ctypes.CDLL:
     for function in lib.lg_dequantize_q4_f32, lib.lg_dequantize_q4_bf16:
         function.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64]
         function.restype = None
+    lib.lg_copy_rows.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 10
+    lib.lg_copy_rows.restype = ctypes.c_int
     for function in lib.lg_rms_norm_f32, lib.lg_rms_norm_bf16:
         function.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float] * 2
         function.restype = None
@@ -459,3 +461,23 @@ def decoder_block_rows(spec: BlockSpec, x: torch.Tensor, rope: tuple[torch.Tenso
     if status != 0:
         raise MemoryError("the native decoder layer could not allocate its scratch memory")
     return out
+
+
+def copy_rows(layers, moved: torch.Tensor, sources: torch.Tensor, shared: int) -> bool:
+    """KVCache.reorder for every layer in one kernel call (each LayerCache's reordered_span); False where it cannot
+    run here (no kernels, or buffers that are not contiguous CPU tensors), and nothing was copied."""
+    lib = library()
+    buffers = [tensor for layer in layers for tensor in (layer.keys, layer.values)]
+    if lib is None or not all(t.device.type == "cpu" and t.is_contiguous() for t in buffers):
+        return False
+    spans = [layer.reordered_span(shared) for layer in layers for _ in range(2)]
+    sizes = torch.tensor([[t.stride(0) * t.element_size(), t.stride(1) * t.element_size(), t.shape[1],
+                           t.shape[3] * t.element_size(), span.start, span.stop] for t, span in zip(buffers, spans)],
+                         dtype=torch.int64).T.contiguous()
+    bases = (ctypes.c_void_p * len(buffers))(*(t.data_ptr() for t in buffers))
+    moved, sources = moved.to(torch.int64).contiguous(), sources.to(torch.int64).contiguous()
+    status = lib.lg_copy_rows(len(buffers), bases, *(row.data_ptr() for row in sizes), moved.data_ptr(),
+                              sources.data_ptr(), len(moved))
+    if status != 0:
+        raise MemoryError("the native cache reorder could not allocate its scratch memory")
+    return True

@@ -130,3 +130,34 @@ def test_reordering_from_a_shared_prefix_moves_only_what_follows_it(pair, length
     copied.reorder(torch.tensor([1, 0]))
     step = torch.tensor([[7], [8]])
     assert torch.equal(model(step, kept), model(step, copied))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("length, shared", [(9, 6), (3, 2), (7, 0)])
+def test_the_native_reorder_copies_what_the_torch_one_does(pair, dtype, length, shared):
+    """KVCache.reorder's one kernel call for every layer (native.copy_rows) against each layer's torch copy: rows
+    that swap, a three-row cycle, a row copied twice, rings wrapped and not; every buffer equal afterwards."""
+    from localgpt import native
+
+    if native.library() is None:
+        pytest.skip("no native kernels here")
+    _, model = pair
+    cache = model.make_cache(4, 16)
+    prefill(model, torch.cat([ids(length, seed=s) for s in range(4)]), cache)
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys.to(dtype), layer.values.to(dtype)
+    for order in ([1, 0, 3, 2], [1, 2, 0, 3], [2, 2, 0, 1]):
+        expected = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+        batch_indices = torch.tensor(order)
+        moved = (batch_indices != torch.arange(4)).nonzero()[:, 0]
+        for layer, (keys, values) in zip(cache.layers, expected, strict=True):
+            span = layer.reordered_span(shared)
+            keys[moved, :, span], values[moved, :, span] = keys[batch_indices[moved], :, span], \
+                values[batch_indices[moved], :, span]
+        assert native.copy_rows(cache.layers, moved, batch_indices[moved], shared)
+        for layer, (keys, values) in zip(cache.layers, expected, strict=True):
+            assert torch.equal(layer.keys, keys) and torch.equal(layer.values, values), order
+    strided = cache.layers[0].rows(slice(0, 4))
+    strided.keys = strided.keys.transpose(2, 3)
+    assert not native.copy_rows([strided], moved, batch_indices[moved], shared)  # not contiguous: the torch path
