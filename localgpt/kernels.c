@@ -324,10 +324,35 @@ LINEAR(lg_linear_bf16, uint16_t, BF16_ROW)
  * arithmetic): over a third of a 135M model's decoding step outside the products. Sums run in float32 for both
  * dtypes and the result is normalised at the end, as in its flash kernel.
  */
+/* VL values stored as bfloat16, bit for bit round_to_bf16_scalar's (nearest even; a NaN stays a NaN, made quiet). */
+#if VL == 16
+static inline void vstore_bf16(uint16_t *p, vf value) {
+    __m512i bits = _mm512_srli_epi32(_mm512_castps_si512(vround_bf16(value)), 16);
+    bits = _mm512_mask_or_epi32(bits, _mm512_cmp_ps_mask(value, value, _CMP_UNORD_Q), bits, _mm512_set1_epi32(0x40));
+    _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(bits));
+}
+#elif VL == 8
+static inline void vstore_bf16(uint16_t *p, vf value) {
+    __m256i bits = _mm256_srli_epi32(_mm256_castps_si256(vround_bf16(value)), 16);
+    __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(value, value, _CMP_UNORD_Q));
+    bits = _mm256_or_si256(bits, _mm256_and_si256(nan, _mm256_set1_epi32(0x40)));
+    _mm_storeu_si128((__m128i *)p, _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1)));
+}
+#else
+static inline void vstore_bf16(uint16_t *p, vf value) {
+    uint32x4_t bits = vshrq_n_u32(vreinterpretq_u32_f32(vround_bf16(value)), 16);
+    bits = vorrq_u32(bits, vandq_u32(vmvnq_u32(vceqq_f32(value, value)), vdupq_n_u32(0x40)));
+    vst1_u16(p, vmovn_u32(bits));
+}
+#endif
 static inline vf load_f32(const float *p, int64_t n) { return vload_n(p, n); }
 static inline vf load_bf16(const uint16_t *p, int64_t n) { return vload_bf16_n(p, n); }
 static inline void store_f32(float *p, vf value, int64_t n) { vstore_n(p, value, n); }
 static inline void store_bf16(uint16_t *p, vf value, int64_t n) {
+    if (n >= VL) {
+        vstore_bf16(p, value);
+        return;
+    }
     float values[VL];
     vstore_n(values, value, VL);
     for (int64_t i = 0; i < n && i < VL; i++) p[i] = round_to_bf16_scalar(values[i]);
@@ -1299,25 +1324,14 @@ static inline void vinterleave(vf even, vf odd, vf *first, vf *second) {
     *second = _mm512_permutex2var_ps(even, _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8),
                                      odd);
 }
-static inline void vstore_bf16(uint16_t *p, vf value) { /* round to nearest even, then the top halves */
-    __m512i bits = _mm512_srli_epi32(_mm512_castps_si512(vround_bf16(value)), 16);
-    _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(bits));
-}
 #elif VL == 8
 static inline void vinterleave(vf even, vf odd, vf *first, vf *second) {
     __m256 low = _mm256_unpacklo_ps(even, odd), high = _mm256_unpackhi_ps(even, odd); /* per 128-bit lane */
     *first = _mm256_permute2f128_ps(low, high, 0x20), *second = _mm256_permute2f128_ps(low, high, 0x31);
 }
-static inline void vstore_bf16(uint16_t *p, vf value) {
-    __m256i bits = _mm256_srli_epi32(_mm256_castps_si256(vround_bf16(value)), 16);
-    _mm_storeu_si128((__m128i *)p, _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1)));
-}
 #else
 static inline void vinterleave(vf even, vf odd, vf *first, vf *second) {
     *first = vzip1q_f32(even, odd), *second = vzip2q_f32(even, odd);
-}
-static inline void vstore_bf16(uint16_t *p, vf value) {
-    vst1_u16(p, vshrn_n_u32(vreinterpretq_u32_f32(vround_bf16(value)), 16));
 }
 #endif
 static inline void vstore_f32(float *p, vf value) { vstore_n(p, value, VL); }

@@ -215,6 +215,23 @@ def test_silu_mul_matches_torch(dtype, shape):
 
 
 @needs_native
+def test_bfloat16_stores_round_as_torch_does():
+    """The kernels' vector bfloat16 store (whole vectors) against torch's rounding, value for value: ties to even,
+    denormals, the largest finite values, infinities and NaN. silu(100) is exactly 100, so silu_mul writes
+    round(100 · up)."""
+    specials = torch.tensor([1.0e-40, -3.0e-39, 3.3895e38, -3.3895e38, float("inf"), float("-inf"), float("nan"),
+                             0.0, -0.0, 1.0 + 2**-8, 1.0 + 3 * 2**-8, 2**-126, 7.0e-45])
+    up = torch.cat([specials / 100, torch.randn(128 - len(specials), generator=torch.Generator().manual_seed(5))])
+    up = up.bfloat16()
+    gate_up = torch.cat([torch.full((128,), 100.0).bfloat16(), up]).view(1, 1, 256)
+    actual = native.silu_mul(gate_up).view(-1)
+    expected = (torch.full((128,), 100.0) * up.float()).bfloat16()
+    nan = expected.isnan()
+    assert torch.equal(actual.isnan(), nan)
+    assert torch.equal(actual[~nan].view(torch.int16), expected[~nan].view(torch.int16))
+
+
+@needs_native
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("offset", [0.0, 1.0])  # Llama's w, Gemma's (1 + w)
 @pytest.mark.parametrize("shape", [(1, 1, 576), (3, 5, 37), (2, 2304)])
