@@ -472,8 +472,8 @@ def copy_rows(layers, moved: torch.Tensor, sources: torch.Tensor, shared: int) -
         return False
     spans = [layer.reordered_span(shared) for layer in layers for _ in range(2)]
     sizes = torch.tensor([[t.stride(0) * t.element_size(), t.stride(1) * t.element_size(), t.shape[1],
-                           t.shape[3] * t.element_size(), span.start, span.stop] for t, span in zip(buffers, spans)],
-                         dtype=torch.int64).T.contiguous()
+                           t.shape[3] * t.element_size(), span.start, span.stop]
+                          for t, span in zip(buffers, spans, strict=True)], dtype=torch.int64).T.contiguous()
     bases = (ctypes.c_void_p * len(buffers))(*(t.data_ptr() for t in buffers))
     moved, sources = moved.to(torch.int64).contiguous(), sources.to(torch.int64).contiguous()
     status = lib.lg_copy_rows(len(buffers), bases, *(row.data_ptr() for row in sizes), moved.data_ptr(),
