@@ -423,7 +423,9 @@ static inline vf vsum16(const vf dots[16]) { /* not called: its loop runs where 
         }                                                                                                        \
         float top = -INFINITY;                                                                                   \
         int64_t s = 0;                                                                                           \
-        if (VL == 16 && (CH) <= 8) /* 16 positions' sums at once (vsum16), the same bits as one at a time */    \
+        /* bfloat16 caches: 16 positions' sums at once (vsum16: the same bits as one at a time), the keys and     \
+         * values prefetched (4-row steps 0.91 -> 0.74 ms; with float32 caches both measured 5-10% slower) */     \
+        if (VL == 16 && (CH) <= 8 && sizeof(T) == 2)                                                             \
             for (; s + 16 <= n; s += 16) {                                                                       \
                 vf dots[16];                                                                                     \
                 for (int t = 0; t < 16; t++) {                                                                   \
