@@ -16,6 +16,9 @@ from localgpt.config import LayerSpec, ModelConfig, RopeConfig, read_json, token
 from localgpt.errors import ModelError
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
+# Every layer gets a spec (ModelConfig.layers) as the config is read: a corrupt count like 2**40 must be refused
+# before that, not exhaust memory (the config fuzz test drew one and CI was killed). Real models have under 200.
+MAX_LAYERS = 4096
 
 
 @dataclass(frozen=True)
@@ -37,7 +40,7 @@ class ConfigReader:
     def _bad(self, key: str, expected: str) -> ModelError:
         return ModelError(f"{self.source}: '{key}' must be {expected}, not {self.raw.get(key)!r}")
 
-    def int(self, key: str, default: int | None = None, *, minimum: int = 1) -> int:
+    def int(self, key: str, default: int | None = None, *, minimum: int = 1, maximum: int | None = None) -> int:
         value = self.raw.get(key, default)
         if value is None:
             if default is None:
@@ -45,6 +48,8 @@ class ConfigReader:
             value = default
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise self._bad(key, f"an integer >= {minimum}")
+        if maximum is not None and value > maximum:
+            raise self._bad(key, f"an integer from {minimum} to {maximum}")
         return value
 
     def float(self, key: str, default: float | None) -> float | None:
@@ -158,7 +163,7 @@ def _common(cfg: ConfigReader, generation: dict[str, Any], *, head_dim_default: 
         model_type=cfg.str("model_type", ""),
         vocab_size=cfg.int("vocab_size"),
         hidden_size=hidden,
-        num_layers=cfg.int("num_hidden_layers"),
+        num_layers=cfg.int("num_hidden_layers", maximum=MAX_LAYERS),
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
@@ -329,7 +334,7 @@ def gpt2_config(cfg: ConfigReader, generation: dict[str, Any]) -> ModelConfig:
         model_type="gpt2",
         vocab_size=cfg.int("vocab_size"),
         hidden_size=hidden,
-        num_layers=cfg.int("n_layer"),
+        num_layers=cfg.int("n_layer", maximum=MAX_LAYERS),
         num_heads=heads,
         num_kv_heads=heads,
         head_dim=hidden // heads,
