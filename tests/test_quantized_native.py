@@ -58,6 +58,21 @@ def test_products_match_bitsandbytes_dequantize_then_matmul(bnb, form, dtype):
                 assert ((got.float() - expected).abs() <= 2 ** -7 * size + 1e-3).all(), (form, N, K, M)
 
 
+@pytest.mark.parametrize("form", ["8", "nf4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_decode_together_as_they_decode_alone(bnb, form, dtype):
+    """A row's product does not depend on the rows beside it: beam search and batched decoding give each row what
+    greedy decoding of that row alone gives. The kernels take 2-4 rows of x per pass and pair weight rows (odd N:
+    the last one alone), so this covers every row count and a pass that ends with a lone row (M = 5)."""
+    torch.manual_seed(0)
+    stored, _ = stored_weight(torch.randn(37, 576), form, bnb)
+    for M in (2, 3, 4, 5):
+        x = torch.randn(M, 576).to(dtype)
+        together = native.quantized_linear(x, stored)
+        alone = torch.cat([native.quantized_linear(x[m : m + 1], stored) for m in range(M)])
+        assert torch.equal(together, alone), (form, dtype, M)
+
+
 @pytest.mark.parametrize("form", FORMATS)
 def test_dequantize_is_bitsandbytes_value_for_value(bnb, form):
     stored, dequantized = stored_weight(torch.randn(48, 576), form, bnb)
