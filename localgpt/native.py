@@ -178,6 +178,8 @@ def load(path: Path) -> ctypes.CDLL:
         function.restype = None
     lib.lg_copy_rows.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 10
     lib.lg_copy_rows.restype = ctypes.c_int
+    lib.lg_top_candidates.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2
+    lib.lg_top_candidates.restype = ctypes.c_int
     for function in lib.lg_rms_norm_f32, lib.lg_rms_norm_bf16:
         function.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float] * 2
         function.restype = None
@@ -481,3 +483,18 @@ def copy_rows(layers, moved: torch.Tensor, sources: torch.Tensor, shared: int) -
     if status != 0:
         raise MemoryError("the native cache reorder could not allocate its scratch memory")
     return True
+
+
+def top_candidates(scores: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """torch.topk(scores.reshape(-1), keep) for float32 scores (rows, cols) on the CPU: the values and flat indices,
+    best first. None where this cannot run or cannot say: no kernels, or a NaN or a tie among the best keep + 1,
+    whose order is torch.topk's own."""
+    lib = library()
+    if lib is None or scores.dtype != torch.float32 or scores.device.type != "cpu":
+        return None
+    scores = scores.contiguous()
+    values, indices = torch.empty(keep), torch.empty(keep, dtype=torch.int64)
+    if lib.lg_top_candidates(scores.data_ptr(), scores.shape[0], scores.shape[1], keep, values.data_ptr(),
+                             indices.data_ptr()) != 0:
+        return None
+    return values, indices

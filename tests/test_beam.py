@@ -116,24 +116,55 @@ def test_invalid_beam_options(options):
         options.validate()
 
 
-def test_top_candidates_equal_one_flat_topk():
-    """The per-beam-then-merged top candidates are torch.topk over the flattened scores, also where the best sit in
-    one beam, where values tie (the flat call decides then) and where most scores are -inf (banned tokens)."""
+@pytest.mark.parametrize("path", ["native", "torch"])
+def test_top_candidates_equal_one_flat_topk(path, monkeypatch):
+    """The top candidates (in one pass in C where the kernels run, else per beam then merged) are torch.topk over
+    the flattened scores, also where the best sit in one beam or in a row's last values (a vector's tail), where
+    values tie or a NaN is present (torch.topk decides then) and where most scores are -inf (banned tokens)."""
+    from localgpt import native
     from localgpt.beam import top_candidates
 
+    if path == "torch":
+        monkeypatch.setattr(native, "top_candidates", lambda scores, keep: None)
+    elif native.library() is None:
+        pytest.skip("no native kernels here")
     generator = torch.Generator().manual_seed(0)
-    cases = [torch.randn(4, 1000, generator=generator) for _ in range(20)]
+    cases = [torch.randn(4, 1000 + i, generator=generator) for i in range(20)]
     one_beam_best = torch.randn(4, 1000, generator=generator)
     one_beam_best[2] += 100
+    at_the_end = torch.randn(3, 1003, generator=generator)
+    at_the_end[2, -3:] += 100
     tied = torch.randn(4, 1000, generator=generator).round(decimals=1)
     banned = torch.full((4, 1000), float("-inf"))
     banned[1, 5], banned[3, 7] = -1.0, -2.0
-    for scores in [*cases, one_beam_best, tied, banned, torch.randn(1, 50, generator=generator)]:
-        keep = 2 * scores.shape[0]
-        values, indices = top_candidates(scores, keep)
-        expected_values, expected_indices = torch.topk(scores.reshape(-1), keep)
-        assert torch.equal(values, expected_values)
-        assert torch.equal(indices, expected_indices)
+    not_a_number = torch.randn(4, 1000, generator=generator)
+    not_a_number[3, 500] = float("nan")
+    for scores in [*cases, one_beam_best, at_the_end, tied, banned, not_a_number,
+                   torch.randn(1, 50, generator=generator)]:
+        for keep in (2 * scores.shape[0], 3 * scores.shape[0]):
+            values, indices = top_candidates(scores, keep)
+            expected_values, expected_indices = torch.topk(scores.reshape(-1), keep)
+            assert torch.equal(values, expected_values) or torch.equal(values.isnan(), expected_values.isnan())
+            assert torch.equal(indices, expected_indices)
+
+
+def test_native_top_candidates_leave_ties_and_nan_to_torch():
+    """The C pass answers only where its answer is torch.topk's: with a tie among the best keep + 1, or a NaN, it
+    declines (None) and top_candidates asks torch.topk."""
+    from localgpt import native
+
+    if native.library() is None:
+        pytest.skip("no native kernels here")
+    scores = torch.randn(4, 1000, generator=torch.Generator().manual_seed(1))
+    assert native.top_candidates(scores, 8) is not None
+    tied = scores.clone()
+    tied[3, 999] = tied.max()  # ties the best
+    assert native.top_candidates(tied, 8) is None
+    low_tie = scores.clone()
+    low_tie[0, 0] = low_tie[0, 1] = -100.0  # a tie far below the cut changes nothing
+    assert native.top_candidates(low_tie, 8) is not None
+    scores[0, 3] = float("nan")
+    assert native.top_candidates(scores, 8) is None
 
 
 SMOL_GRID = [  # every value of every option at least once, on the real model
